@@ -1,0 +1,1 @@
+"""vqgan_jax: VQGAN image tokenizers (Esser et al. 2021) in JAX/Flax."""
