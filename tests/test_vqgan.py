@@ -1,0 +1,150 @@
+"""The conv VQGAN: shapes, exact parameter counts, quantizer gradients, index round-trip."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import load_config
+from vqgan_jax.models.quantizers import VectorQuantizer, codebook_stats
+from vqgan_jax.models.vqgan import VQModel
+
+
+def count(tree) -> int:
+    return sum(x.size for x in jax.tree.leaves(tree))
+
+
+def abstract_params(model, size):
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
+    return nn.meta.unbox(variables["params"])
+
+
+@pytest.mark.parametrize("name, n_embed, total", [("imagenet_f16", 1024, 72_141_699),
+                                                  ("imagenet_f16_16384", 16384, 76_073_859)])
+def test_taming_parameter_counts(name, n_embed, total):
+    config = load_config(name)
+    model = VQModel(**config.model.to_dict(), resolution=config.image_size)
+    params = abstract_params(model, config.image_size)
+    assert config.model.n_embed == n_embed
+    assert count(params) == total
+    assert count(params["encoder"]) == 29_298_176
+    assert count(params["decoder"]) == 42_449_795
+    assert count(params["quantize"]) == n_embed * 256
+    assert count(params["quant_conv"]) == count(params["post_quant_conv"]) == 65_792
+
+
+def test_taming_parameter_names_and_shapes():
+    params = abstract_params(VQModel(), 256)
+    enc, dec = params["encoder"], params["decoder"]
+    assert enc["conv_in"]["kernel"].shape == (3, 3, 3, 128)
+    assert enc["down_2_block_0"]["nin_shortcut"]["kernel"].shape == (1, 1, 128, 256)
+    assert enc["down_3_downsample"]["conv"]["kernel"].shape == (3, 3, 256, 256)
+    assert set(enc["down_4_attn_0"]) == {"norm", "q", "k", "v", "proj_out"}
+    assert set(enc["mid"]) == {"block_1", "attn_1", "block_2"}
+    assert "down_4_downsample" not in enc and "up_0_upsample" not in dec
+    assert dec["conv_in"]["kernel"].shape == (3, 3, 256, 512)
+    assert dec["up_4_block_2"]["conv1"]["kernel"].shape == (3, 3, 512, 512)
+    assert dec["conv_out"]["kernel"].shape == (3, 3, 128, 3)
+    assert params["quantize"]["codebook"].shape == (1024, 256)
+
+
+def tiny_model(**kw):
+    args = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), z_channels=8,
+                embed_dim=4, n_embed=16, resolution=16)
+    return VQModel(**{**args, **kw})
+
+
+def test_shapes_and_every_public_method():
+    model = tiny_model()
+    x = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3), minval=-1, maxval=1)
+    variables = model.init(jax.random.key(0), x)
+    x_hat, aux = model.apply(variables, x)
+    assert x_hat.shape == x.shape and x_hat.dtype == jnp.float32
+    assert aux["z_e"].shape == aux["z_q"].shape == (2, 8, 8, 4)
+    assert aux["indices"].shape == (2, 8, 8) and aux["indices"].dtype == jnp.int32
+    assert 1.0 <= float(aux["perplexity"]) <= 16.0
+    assert 0.0 < float(aux["codebook_usage"]) <= 1.0
+    indices = model.apply(variables, x, method=VQModel.encode_to_indices)
+    np.testing.assert_array_equal(indices, aux["indices"])
+    from_indices = model.apply(variables, indices, method=VQModel.decode_from_indices)
+    np.testing.assert_allclose(from_indices, x_hat, atol=1e-5)
+    # z_q holds exactly the chosen codes.
+    codebook = nn.meta.unbox(variables)["params"]["quantize"]["codebook"]
+    np.testing.assert_allclose(aux["z_q"], codebook[aux["indices"]], atol=1e-6)
+    # Non-square images of any size divisible by f work (the model is convolutional).
+    y, _ = model.apply(variables, jnp.zeros((1, 24, 40, 3)))
+    assert y.shape == (1, 24, 40, 3)
+    assert model.downsample_factor == 2
+
+
+def test_bfloat16_compute_keeps_float32_params():
+    model = tiny_model(dtype=jnp.bfloat16)
+    x = jnp.zeros((1, 16, 16, 3))
+    variables = model.init(jax.random.key(0), x)
+    assert {p.dtype for p in jax.tree.leaves(nn.meta.unbox(variables))} == {jnp.dtype(jnp.float32)}
+    x_hat, aux = model.apply(variables, x)
+    assert x_hat.dtype == jnp.bfloat16 and aux["indices"].dtype == jnp.int32
+
+
+def _quantizer_setup(beta=0.25):
+    vq = VectorQuantizer(n_embed=5, embed_dim=3, beta=beta)
+    z_e = jax.random.normal(jax.random.key(2), (4, 3))
+    params = vq.init(jax.random.key(0), z_e)
+    params = jax.tree.map(lambda p: p * 100.0, nn.meta.unbox(params))  # spread the codes
+    return vq, params, z_e
+
+
+def test_quantizer_picks_nearest_code_in_float64_reference():
+    vq, params, z_e = _quantizer_setup()
+    _, aux = vq.apply(params, z_e)
+    codebook = np.asarray(params["params"]["codebook"], np.float64)
+    d = ((np.asarray(z_e, np.float64)[:, None, :] - codebook[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(aux["indices"], d.argmin(-1))
+
+
+def test_quantizer_losses_send_gradients_to_the_right_place():
+    vq, params, z_e = _quantizer_setup(beta=0.25)
+    codebook = np.asarray(params["params"]["codebook"])
+
+    def term(name):
+        def f(params, z_e):
+            return vq.apply(params, z_e)[1][name]
+        return jax.grad(f, argnums=(0, 1))(params, z_e)
+
+    _, aux = vq.apply(params, z_e)
+    e = codebook[np.asarray(aux["indices"])]
+    n = z_e.size
+    # Codebook term ||sg[z_e] - e||^2: gradient on the codebook only.
+    g_params, g_z = term("codebook_loss")
+    np.testing.assert_allclose(g_z, 0.0)
+    expected = np.zeros_like(codebook)
+    np.add.at(expected, np.asarray(aux["indices"]), 2.0 * (e - np.asarray(z_e)) / n)
+    np.testing.assert_allclose(g_params["params"]["codebook"], expected, rtol=1e-5, atol=1e-7)
+    # Commitment term beta * ||z_e - sg[e]||^2: gradient on the encoder output only.
+    g_params, g_z = term("commitment_loss")
+    np.testing.assert_allclose(g_params["params"]["codebook"], 0.0)
+    np.testing.assert_allclose(g_z, 0.25 * 2.0 * (np.asarray(z_e) - e) / n, rtol=1e-5)
+
+
+def test_straight_through_estimator_copies_gradients():
+    vq, params, z_e = _quantizer_setup()
+    w = jax.random.normal(jax.random.key(3), z_e.shape)
+    g = jax.grad(lambda z: jnp.sum(vq.apply(params, z)[0] * w))(z_e)
+    np.testing.assert_allclose(g, w, rtol=1e-6)
+
+
+def test_l2_normalized_codes_have_unit_norm():
+    vq = VectorQuantizer(n_embed=7, embed_dim=4, l2_normalize=True)
+    z_e = jax.random.normal(jax.random.key(0), (2, 3, 4)) * 5
+    params = vq.init(jax.random.key(1), z_e)
+    z_q, _ = vq.apply(params, z_e)
+    np.testing.assert_allclose(jnp.linalg.norm(z_q, axis=-1), 1.0, rtol=1e-5)
+
+
+def test_codebook_stats_against_direct_formula():
+    indices = jnp.array([0, 0, 1, 3, 3, 3])
+    perplexity, usage = codebook_stats(indices, 8)
+    p = np.array([2, 1, 3]) / 6
+    np.testing.assert_allclose(perplexity, np.exp(-(p * np.log(p)).sum()), rtol=1e-6)
+    assert float(usage) == 3 / 8

@@ -1,0 +1,120 @@
+"""The convolutional pieces shared by the VQGAN encoder and decoder.
+
+Layout and parameter names follow taming-transformers' ``diffusionmodules/model.py``
+(Esser et al. 2021, itself after Ho et al. 2020's DDPM UNet), so a taming state_dict maps onto
+these modules one tensor per tensor: ``norm1``, ``conv1``, ``norm2``, ``conv2``,
+``nin_shortcut`` in a ResnetBlock; ``norm``, ``q``, ``k``, ``v``, ``proj_out`` in an AttnBlock;
+``conv`` in Down/Upsample.
+
+All activations are NHWC. ``dtype`` is the compute dtype; parameters are always float32 and
+GroupNorm statistics are reduced in float32. Every parameter carries logical axis names
+(``conv_h, conv_w, conv_in, conv_out`` for kernels, ``conv_out`` for biases, ``norm`` for
+GroupNorm scale and bias) for the mesh rules in :mod:`vqgan_jax.parallel`.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# PyTorch's default Conv2d init (kaiming_uniform with a=sqrt(5)) is U(+-1/sqrt(fan_in)), which
+# is variance scaling 1/3 on fan_in; taming trains from it, so we start from the same place.
+_torch_conv_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+KERNEL_AXES = ("conv_h", "conv_w", "conv_in", "conv_out")
+
+
+def conv(features: int, kernel_size: int, *, stride: int = 1, padding: Any = "SAME",
+         dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Conv:
+    """A 2-D convolution with taming's init and logical axis names on its parameters."""
+    return nn.Conv(
+        features, (kernel_size, kernel_size), strides=(stride, stride), padding=padding,
+        dtype=dtype, param_dtype=jnp.float32, name=name,
+        kernel_init=nn.with_logical_partitioning(_torch_conv_init, KERNEL_AXES),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)))
+
+
+def group_norm(num_groups: int, dtype: Dtype, name: str) -> nn.GroupNorm:
+    """torch.nn.GroupNorm(num_groups, C, eps=1e-6, affine=True), statistics in float32."""
+    return nn.GroupNorm(
+        num_groups=num_groups, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, name=name,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm -> swish -> 3x3 conv, twice, plus a (1x1-projected) shortcut.
+
+    Attributes:
+      out_channels: channels of the output; the shortcut is a 1x1 conv ``nin_shortcut`` when
+        they differ from the input's.
+      dropout: dropout rate between the two convs (taming's VQGAN configs use 0.0).
+      norm_groups: GroupNorm groups (32 in taming); must divide both channel counts.
+
+    Call: ``x: [B, H, W, C_in] -> [B, H, W, out_channels]``.
+    """
+    out_channels: int
+    dropout: float = 0.0
+    norm_groups: int = 32
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        h = nn.swish(group_norm(self.norm_groups, self.dtype, "norm1")(x))
+        h = conv(self.out_channels, 3, dtype=self.dtype, name="conv1")(h)
+        h = nn.swish(group_norm(self.norm_groups, self.dtype, "norm2")(h))
+        h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        h = conv(self.out_channels, 3, dtype=self.dtype, name="conv2")(h)
+        if x.shape[-1] != self.out_channels:
+            x = conv(self.out_channels, 1, dtype=self.dtype, name="nin_shortcut")(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head spatial self-attention over all H*W positions, with a residual.
+
+    ``q, k, v, proj_out`` are 1x1 convs; scores are scaled by C**-0.5 and the softmax runs in
+    float32. Call: ``x: [B, H, W, C] -> [B, H, W, C]``.
+    """
+    norm_groups: int = 32
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, h, w, c = x.shape
+        y = group_norm(self.norm_groups, self.dtype, "norm")(x)
+        q, k, v = (conv(c, 1, dtype=self.dtype, name=n)(y).reshape(b, h * w, c)
+                   for n in ("q", "k", "v"))
+        scores = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32)
+        probs = jax.nn.softmax(scores * c ** -0.5, axis=-1).astype(v.dtype)
+        y = jnp.einsum("bqk,bkc->bqc", probs, v).reshape(b, h, w, c)
+        return x + conv(c, 1, dtype=self.dtype, name="proj_out")(y)
+
+
+class Downsample(nn.Module):
+    """Halve H and W: pad one zero row/column at the bottom/right, then a stride-2 3x3 conv.
+
+    This is taming's asymmetric ``F.pad(x, (0, 1, 0, 1))`` + ``Conv2d(k=3, s=2, p=0)``.
+    Call: ``x: [B, H, W, C] -> [B, H // 2, W // 2, C]`` (H, W even).
+    """
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+        return conv(x.shape[-1], 3, stride=2, padding="VALID", dtype=self.dtype, name="conv")(x)
+
+
+class Upsample(nn.Module):
+    """Double H and W by nearest-neighbour repetition, then a 3x3 conv.
+
+    Call: ``x: [B, H, W, C] -> [B, 2H, 2W, C]``.
+    """
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return conv(x.shape[-1], 3, dtype=self.dtype, name="conv")(x)
