@@ -1,0 +1,1 @@
+"""Input pipeline: image sources (demo photos, image folders, TFDS) and grain iterators."""
