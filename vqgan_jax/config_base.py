@@ -1,0 +1,57 @@
+"""Default config fields for every stage-1 (tokenizer) recipe in configs/; recipes override what differs.
+
+Every field is read by some code; comments give units and meaning.
+"""
+
+import ml_collections
+
+
+def tokenizer_config() -> ml_collections.ConfigDict:
+    """The conv VQGAN recipe of Esser et al. 2021 (taming-transformers' imagenet_vqgan.yaml)."""
+    c = ml_collections.ConfigDict()
+    c.stage = "tokenizer"               # which trainer main runs
+    c.seed = 0                          # parameter init, data order and dropout RNG
+
+    # Data.
+    c.dataset = "imagenet2012"          # tfds name | "folder:/path" | "demo" (bundled photos)
+    c.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir (None: tfds default)
+    c.train_split = "train"
+    c.eval_split = "validation"
+    c.image_size = 256                  # side of the square training crops, pixels
+    c.min_crop_scale = 0.5              # random crop side as a fraction of the short side, in [s, 1]
+    c.batch_size = 8                    # global batch (all processes and devices together)
+    c.num_train_steps = 500_000
+
+    # Tokenizer (models.vqgan.VQModel fields).
+    c.model = ml_collections.ConfigDict(dict(
+        ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
+        z_channels=256, embed_dim=256, n_embed=1024, beta=0.25, l2_normalize_codes=False,
+        dropout=0.0, norm_groups=32))
+    c.dtype = "float32"                 # compute dtype: float32 | bfloat16 (params stay float32)
+
+    # PatchGAN discriminator (models.discriminators.NLayerDiscriminator).
+    c.disc = ml_collections.ConfigDict(dict(ndf=64, n_layers=3))
+
+    # Loss (Esser et al. 2021, eq. 5-7; taming's VQLPIPSWithDiscriminator).
+    c.loss = ml_collections.ConfigDict(dict(
+        disc_start=250_001,             # step at which the adversarial terms switch on
+        disc_weight=0.8,                # scales the adaptive weight lambda
+        disc_factor=1.0,                # weight of the adversarial terms once on
+        disc_loss="hinge",              # hinge | vanilla
+        codebook_weight=1.0,            # weight of the VQ loss
+        perceptual_weight=1.0,          # weight of LPIPS (0 skips computing it in the step)
+    ))
+
+    # Adam for both generator and discriminator; lr = base_learning_rate * batch_size.
+    c.optimizer = ml_collections.ConfigDict(dict(base_learning_rate=4.5e-6, b1=0.5, b2=0.9))
+
+    # Device mesh: data x fsdp = number of devices; -1 takes what the other axis leaves.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+
+    # Logging, evaluation, checkpoints (in steps).
+    c.log_every_steps = 100
+    c.eval_every_steps = 10_000         # reconstructions + metrics on held-out images
+    c.num_eval_images = 16              # held-out images evaluated (demo: all held-out photos)
+    c.checkpoint_every_steps = 5_000
+    c.max_checkpoints_to_keep = 3
+    return c

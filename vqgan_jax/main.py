@@ -1,0 +1,37 @@
+"""Train a model: ``python -m vqgan_jax.main --config=configs/imagenet_f16.py --workdir=DIR``.
+
+Any config field can be overridden on the command line, e.g. ``--config.num_train_steps=100``
+or ``--config.dataset=folder:/path/to/images``. Re-running with the same --workdir resumes.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() first: set it on every host of a "
+    "multi-host TPU pod or GPU cluster (the launch/ scripts do).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+STAGES = ("tokenizer",)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    config = _CONFIG.value
+    if config.stage not in STAGES:
+        raise ValueError(f"config.stage={config.stage!r}; known stages: {STAGES}.")
+    import jax
+    if _DISTRIBUTED.value:
+        jax.distributed.initialize()
+    logging.info("JAX %s: %d processes, %d devices (%s)", jax.__version__, jax.process_count(),
+                 jax.device_count(), jax.devices()[0].platform)
+    from vqgan_jax.trainers import tokenizer
+    tokenizer.train_and_evaluate(config, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,419 @@
+"""Stage 1: train the VQGAN tokenizer (Esser et al. 2021, sec. 3.1, eq. 5-7).
+
+One jitted step updates the generator (encoder, quantizer, decoder) and the PatchGAN
+discriminator from one batch. No work is done twice:
+
+* the discriminator's update reuses the generator's reconstruction and the forward pass of
+  the discriminator on it (taming's loop runs the autoencoder and that pass again);
+* the adaptive weight lambda needs ||dL_rec/dW|| and ||dL_GAN/dW|| at the decoder's last
+  layer W. We take dL/dx_hat of both losses (which the generator's backward pass needs anyway),
+  carry each through the last conv alone, and then run a single backward pass through the
+  generator with the combined cotangent ``dL_rec/dx_hat + lambda * d * dL_GAN/dx_hat``
+  (taming runs two extra full backward passes through the generator).
+"""
+
+import dataclasses
+import functools
+import os
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from PIL import Image
+
+from vqgan_jax import losses, parallel
+from vqgan_jax.data import pipeline, sources
+from vqgan_jax.models.discriminators import NLayerDiscriminator
+from vqgan_jax.models.lpips import load_lpips_params, lpips_fn
+from vqgan_jax.models.quantizers import codebook_stats
+from vqgan_jax.models.vqgan import VQModel
+from vqgan_jax.trainers import loop
+from vqgan_jax.trainers.writers import periodic_actions
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step reads and writes; created sharded, donated to the step."""
+    step: jax.Array                 # int32[], steps done
+    g_params: Any                   # VQModel params (float32)
+    d_params: Any                   # NLayerDiscriminator params (float32)
+    d_batch_stats: Any              # BatchNorm running statistics
+    g_opt_state: optax.OptState
+    d_opt_state: optax.OptState
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """The static (hashable) pieces of a train step."""
+    vq: VQModel
+    disc: NLayerDiscriminator
+    g_tx: optax.GradientTransformation
+    d_tx: optax.GradientTransformation
+    disc_start: int
+    disc_weight: float
+    disc_factor: float
+    disc_loss: str
+    codebook_weight: float
+    perceptual_weight: float
+    seed: int
+
+    @property
+    def dtype(self):
+        return self.vq.dtype
+
+
+def build_models(config: ml_collections.ConfigDict) -> tuple[VQModel, NLayerDiscriminator]:
+    """The tokenizer and discriminator described by ``config.model`` / ``config.disc``."""
+    dtype = DTYPES[config.dtype]
+    vq = VQModel(**config.model.to_dict(), resolution=config.image_size, dtype=dtype)
+    disc = NLayerDiscriminator(**config.disc.to_dict(), dtype=dtype)
+    return vq, disc
+
+
+def learning_rate(config: ml_collections.ConfigDict) -> float:
+    """taming's rule: base_learning_rate * global batch size."""
+    return config.optimizer.base_learning_rate * config.batch_size
+
+
+def build_step_config(config: ml_collections.ConfigDict) -> StepConfig:
+    vq, disc = build_models(config)
+    adam = functools.partial(optax.adam, learning_rate(config), b1=config.optimizer.b1,
+                             b2=config.optimizer.b2)
+    return StepConfig(vq=vq, disc=disc, g_tx=adam(), d_tx=adam(), seed=config.seed,
+                      **config.loss.to_dict())
+
+
+def init_state(rng: jax.Array, sc: StepConfig, image_size: int) -> TrainState:
+    """Fresh parameters and optimizer states (float32), unboxed from their logical axes."""
+    g_rng, d_rng = jax.random.split(rng)
+    x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    g_params = nn.meta.unbox(sc.vq.init(g_rng, x)["params"])
+    d_vars = nn.meta.unbox(sc.disc.init(d_rng, x, train=False))
+    return TrainState(step=jnp.zeros((), jnp.int32), g_params=g_params,
+                      d_params=d_vars["params"], d_batch_stats=d_vars["batch_stats"],
+                      g_opt_state=sc.g_tx.init(g_params), d_opt_state=sc.d_tx.init(d_vars["params"]))
+
+
+def _last_layer(model: VQModel, h: jax.Array) -> jax.Array:
+    return model.decoder.conv_out(h)
+
+
+def compute_grads(state: TrainState, batch: dict[str, jax.Array], lpips_params: Any,
+                  sc: StepConfig) -> tuple[Any, Any, Any, dict[str, jax.Array]]:
+    """Generator and discriminator gradients for one batch (Esser et al. 2021, eq. 5-7).
+
+    Generator loss (taming's VQLPIPSWithDiscriminator, optimizer 0)::
+
+        L_G = |x - x_hat|_1 + perceptual_weight * LPIPS(x, x_hat)          (L_rec, "nll")
+              + lambda * d * (-mean D(x_hat))                              (L_GAN)
+              + codebook_weight * L_VQ
+        lambda = clip(||dL_rec/dW|| / (||dL_GAN/dW|| + 1e-4), 0, 1e4) * disc_weight   (eq. 7)
+
+    with W the decoder's last conv kernel and d = disc_factor from ``disc_start`` on, else 0.
+    Discriminator loss: d * hinge (or vanilla) on D(x), D(sg[x_hat]).
+
+    Args:
+      state: the TrainState (donated).
+      batch: ``image``: float32[B, H, W, 3] in [-1, 1], sharded over the batch.
+      lpips_params: frozen LPIPS weights (:func:`load_lpips_params`).
+      sc: static step configuration.
+
+    Returns:
+      ``(g_grads, d_grads, d_batch_stats, metrics)``: gradients shaped like the parameters,
+      the discriminator's updated BatchNorm statistics, float32 scalar metrics.
+    """
+    x = batch["image"]
+    rng = jax.random.fold_in(jax.random.key(sc.seed), state.step)
+    vq, disc = sc.vq, sc.disc
+
+    def generator(g_params):
+        variables = {"params": g_params}
+        z_q, aux = vq.apply(variables, x, True, method=VQModel.encode, rngs={"dropout": rng})
+        h = vq.apply(variables, z_q, True, method=VQModel.decoder_features,
+                     rngs={"dropout": rng})
+        x_hat = vq.apply(variables, h, method=_last_layer)
+        return (x_hat, aux["vq_loss"]), (h, aux)
+
+    (x_hat, vq_loss), generator_vjp, (h, aux) = jax.vjp(generator, state.g_params, has_aux=True)
+
+    def rec_loss(x_hat):
+        l1 = losses.l1_loss(x, x_hat)
+        p_loss = (jnp.mean(lpips_fn(lpips_params, x, x_hat, sc.dtype))
+                  if sc.perceptual_weight > 0 else jnp.zeros((), jnp.float32))
+        return l1 + sc.perceptual_weight * p_loss, (l1, p_loss)
+
+    (nll, (l1, p_loss)), nll_ct = jax.value_and_grad(rec_loss, has_aux=True)(x_hat)
+
+    def discriminate(d_params, batch_stats, images):
+        logits, updates = disc.apply({"params": d_params, "batch_stats": batch_stats}, images,
+                                     train=True, mutable=["batch_stats"])
+        return logits, updates["batch_stats"]
+
+    # One discriminator pass on x_hat serves both the generator and the discriminator update.
+    logits_fake, fake_vjp, batch_stats = jax.vjp(
+        lambda d_params, x_hat: discriminate(d_params, state.d_batch_stats, x_hat),
+        state.d_params, x_hat, has_aux=True)
+    g_loss, g_loss_ct = jax.value_and_grad(losses.generator_adv_loss)(logits_fake)
+    gan_ct = fake_vjp(g_loss_ct)[1]
+
+    # Adaptive weight from the two gradients carried through the last layer only.
+    conv_out = state.g_params["decoder"]["conv_out"]
+    _, last_vjp = jax.vjp(
+        lambda kernel: vq.apply({"params": {"decoder": {"conv_out": dict(conv_out, kernel=kernel)}}},
+                                h, method=_last_layer),
+        conv_out["kernel"])
+    d_weight = losses.adaptive_weight(last_vjp(nll_ct)[0], last_vjp(gan_ct)[0], sc.disc_weight)
+    disc_factor = losses.adopt_weight(sc.disc_factor, state.step, sc.disc_start)
+    gan_scale = d_weight * disc_factor
+    loss = nll + gan_scale * g_loss + sc.codebook_weight * vq_loss
+
+    # One backward pass through the generator with the combined cotangent.
+    x_hat_ct = nll_ct + (gan_scale * gan_ct.astype(jnp.float32)).astype(nll_ct.dtype)
+    (g_grads,) = generator_vjp((x_hat_ct, jnp.asarray(sc.codebook_weight, vq_loss.dtype)))
+
+    # Discriminator: real pass, and the fake pass above with the discriminator's cotangent.
+    logits_real, real_vjp, batch_stats = jax.vjp(
+        lambda d_params: discriminate(d_params, batch_stats, x), state.d_params, has_aux=True)
+    d_loss_fn = lambda real, fake: disc_factor * losses.d_loss(sc.disc_loss, real, fake)
+    d_loss, (real_ct, fake_ct) = jax.value_and_grad(d_loss_fn, argnums=(0, 1))(
+        logits_real, logits_fake)
+    d_grads = jax.tree.map(jnp.add, real_vjp(real_ct)[0], fake_vjp(fake_ct)[0])
+
+    metrics = dict(
+        loss=loss, nll_loss=nll, l1_loss=l1, perceptual_loss=p_loss, g_loss=g_loss,
+        d_loss=d_loss, d_weight=d_weight, disc_factor=disc_factor, vq_loss=vq_loss,
+        codebook_loss=aux["codebook_loss"], commitment_loss=aux["commitment_loss"],
+        perplexity=aux["perplexity"], codebook_usage=aux["codebook_usage"],
+        logits_real=jnp.mean(logits_real.astype(jnp.float32)),
+        logits_fake=jnp.mean(logits_fake.astype(jnp.float32)),
+        g_grad_norm=optax.global_norm(g_grads), d_grad_norm=optax.global_norm(d_grads))
+    metrics = jax.tree.map(lambda m: jnp.asarray(m, jnp.float32), metrics)
+    return g_grads, d_grads, batch_stats, metrics
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], lpips_params: Any,
+               sc: StepConfig) -> tuple[TrainState, dict[str, jax.Array]]:
+    """:func:`compute_grads`, then one Adam update of each model.
+
+    Returns:
+      ``(new_state, metrics)`` with float32 scalar metrics (see :func:`compute_grads`).
+    """
+    g_grads, d_grads, batch_stats, metrics = compute_grads(state, batch, lpips_params, sc)
+    g_updates, g_opt_state = sc.g_tx.update(g_grads, state.g_opt_state, state.g_params)
+    d_updates, d_opt_state = sc.d_tx.update(d_grads, state.d_opt_state, state.d_params)
+    new_state = state.replace(
+        step=state.step + 1,
+        g_params=optax.apply_updates(state.g_params, g_updates),
+        d_params=optax.apply_updates(state.d_params, d_updates),
+        d_batch_stats=batch_stats, g_opt_state=g_opt_state, d_opt_state=d_opt_state)
+    return new_state, metrics
+
+
+def jit_train_step(sc: StepConfig, mesh, state_shardings, lpips_params):
+    """``train_step`` jitted once with shardings over ``mesh``; the state is donated."""
+    return jax.jit(
+        functools.partial(train_step, sc=sc),
+        in_shardings=(state_shardings, parallel.batch_sharding(mesh),
+                      jax.tree.map(lambda _: parallel.replicated(mesh), lpips_params)),
+        out_shardings=(state_shardings, parallel.replicated(mesh)),
+        donate_argnums=0)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def reconstruct(g_params: Any, lpips_params: Any, x: jax.Array, vq: VQModel) -> dict[str, jax.Array]:
+    """Reconstruct ``x: float32[B, H, W, 3] in [-1, 1]`` and score it.
+
+    Returns ``x_hat`` (float32, clipped to [-1, 1]), ``indices`` (int32[B, H/f, W/f]),
+    ``psnr`` (float32[B], dB, on images scaled to [0, 1]) and ``lpips`` (float32[B]).
+    """
+    x_hat, aux = vq.apply({"params": g_params}, x)
+    x_hat = jnp.clip(x_hat.astype(jnp.float32), -1.0, 1.0)
+    mse = jnp.mean(((x_hat - x) / 2.0) ** 2, axis=(1, 2, 3))
+    psnr = 10.0 * jnp.log10(1.0 / jnp.maximum(mse, 1e-10))
+    return dict(x_hat=x_hat, indices=aux["indices"], psnr=psnr,
+                lpips=lpips_fn(lpips_params, x, x_hat))
+
+
+def evaluate(g_params: Any, lpips_params: Any, images: list[np.ndarray], vq: VQModel
+             ) -> tuple[dict[str, float], list[np.ndarray]]:
+    """Held-out metrics over ``images`` (each float32[H, W, 3] in [-1, 1], sizes may differ).
+
+    Returns ``(metrics, reconstructions)``: metrics ``psnr`` (dB) and ``lpips`` averaged over
+    images, ``codebook_usage`` (fraction of the n_embed codes used over all images) and
+    ``perplexity`` of all their codes; reconstructions float32[H, W, 3] in [-1, 1].
+    """
+    fn = jax.jit(functools.partial(reconstruct, vq=vq))
+    outs = [jax.device_get(fn(g_params, lpips_params, img[None])) for img in images]
+    indices = jnp.concatenate([o["indices"].reshape(-1) for o in outs])
+    perplexity, usage = codebook_stats(indices, vq.n_embed)
+    metrics = dict(psnr=float(np.mean([o["psnr"][0] for o in outs])),
+                   lpips=float(np.mean([o["lpips"][0] for o in outs])),
+                   codebook_usage=float(usage), perplexity=float(perplexity),
+                   num_images=len(images))
+    return metrics, [o["x_hat"][0] for o in outs]
+
+
+def comparison_grid(originals: list[np.ndarray], reconstructions: list[np.ndarray],
+                    gap: int = 4) -> np.ndarray:
+    """uint8[H, W, 3] picture: one row per image, original | reconstruction, white gaps."""
+    to_u8 = lambda a: np.round((np.clip(a, -1, 1) + 1) * 127.5).astype(np.uint8)
+    rows = [np.concatenate([to_u8(o), np.full((o.shape[0], gap, 3), 255, np.uint8), to_u8(r)], 1)
+            for o, r in zip(originals, reconstructions)]
+    width = max(r.shape[1] for r in rows)
+    padded = []
+    for r in rows:
+        padded.append(np.pad(r, ((0, gap), (0, width - r.shape[1]), (0, 0)), constant_values=255))
+    return np.concatenate(padded, 0)[:-gap]
+
+
+# ----------------------------------------------------------------------------- the job
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Fail fast, before any compile, with the offending field named.
+
+    Raises:
+      ValueError: on any field that cannot work.
+    """
+    m = config.model
+    f = 2 ** (len(m.ch_mult) - 1)
+    if config.dtype not in DTYPES:
+        raise ValueError(f"config.dtype={config.dtype!r}; use one of {sorted(DTYPES)}.")
+    if config.image_size % f:
+        raise ValueError(f"config.image_size={config.image_size} is not divisible by the "
+                         f"downsampling factor {f} of config.model.ch_mult={tuple(m.ch_mult)}.")
+    reached = {config.image_size // 2 ** i for i in range(len(m.ch_mult))}
+    for r in m.attn_resolutions:
+        if r not in reached:
+            raise ValueError(f"config.model.attn_resolutions contains {r}, a resolution the "
+                             f"encoder never reaches (it visits {sorted(reached, reverse=True)}).")
+    if m.n_embed < 2:
+        raise ValueError(f"config.model.n_embed={m.n_embed}; a codebook needs at least 2 codes.")
+    for c in {m.ch * k for k in m.ch_mult}:
+        if c % m.norm_groups:
+            raise ValueError(f"config.model.norm_groups={m.norm_groups} does not divide {c} "
+                             "channels; choose ch and ch_mult so every level is a multiple.")
+    if config.batch_size % num_devices:
+        raise ValueError(f"config.batch_size={config.batch_size} (global) is not divisible by "
+                         f"the {num_devices} devices the batch is split over.")
+    if config.loss.disc_loss not in ("hinge", "vanilla"):
+        raise ValueError(f"config.loss.disc_loss={config.loss.disc_loss!r}; use hinge or vanilla.")
+    if config.num_train_steps < 0:
+        raise ValueError("config.num_train_steps must be >= 0.")
+
+
+def _eval_images(config, f: int) -> list[np.ndarray]:
+    source = sources.get_source(config.dataset, config.eval_split, data_dir=config.data_dir)
+    if config.dataset == "demo":  # the held-out photos, at full size
+        return pipeline.eval_images(source, multiple_of=f, max_images=config.num_eval_images)
+    images = []
+    for i in range(len(source)):
+        if len(images) == config.num_eval_images:
+            break
+        record = source[i]
+        if record["image"] is not None:
+            images.append(pipeline.center_crop_resize(record["image"], config.image_size))
+    return images
+
+
+def _save_eval(workdir, step, metrics, originals, reconstructions, writer) -> None:
+    grid = comparison_grid(originals, reconstructions)
+    writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
+    writer.write_images(step, {"eval/input|reconstruction": grid[None].astype(np.float32) / 255})
+    if jax.process_index() == 0:
+        Image.fromarray(grid).save(os.path.join(workdir, "reconstructions.png"))
+        loop.write_json(os.path.join(workdir, "metrics.json"), dict(metrics, step=step))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Train the tokenizer per ``config`` in ``workdir`` (resuming from its checkpoints).
+
+    Leaves in workdir: ``checkpoints/`` (orbax), TensorBoard events, ``reconstructions.png``
+    (held-out originals | reconstructions) and ``metrics.json`` (psnr in dB, lpips,
+    codebook_usage as a fraction, perplexity), rewritten at every evaluation.
+
+    Returns:
+      The final held-out metrics.
+
+    Raises:
+      ValueError: for a config field or dataset that cannot work, before anything compiles.
+    """
+    import grain  # Imported here: only the job itself needs the data loader's checkpointing.
+
+    validate_config(config, jax.device_count())
+    loop.ensure_writable_workdir(workdir)
+    mesh = parallel.create_mesh(config.mesh.data, config.mesh.fsdp)
+    train_source = sources.get_source(config.dataset, config.train_split, data_dir=config.data_dir)
+    sc = build_step_config(config)
+    f = sc.vq.downsample_factor
+    eval_images = _eval_images(config, f)
+    train_iter = pipeline.train_iterator(
+        train_source, image_size=config.image_size, global_batch_size=config.batch_size,
+        seed=config.seed, min_crop_scale=config.min_crop_scale)
+
+    state, shardings = loop.create_sharded_state(
+        functools.partial(init_state, sc=sc, image_size=config.image_size),
+        jax.random.key(config.seed), mesh)
+    manager = loop.checkpoint_manager(workdir, max_to_keep=config.max_checkpoints_to_keep,
+                                      item_names=("state", "data", "config"))
+    if manager.latest_step() is not None:
+        step = manager.latest_step()
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(loop.abstract_like(state, shardings)),
+            data=grain.checkpoint.CheckpointRestore(train_iter)))
+        state = restored["state"]
+        logging.info("Resumed from %s at step %d", manager.directory, step)
+
+    lpips_params = jax.device_put(load_lpips_params(), parallel.replicated(mesh))
+    step_fn = jit_train_step(sc, mesh, shardings, lpips_params)
+    writer = loop.create_writer(workdir)
+    writer.write_hparams(dict(config.to_dict()))
+    report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=writer)
+
+    def save(step: int, force: bool = False):
+        manager.save(step, force=force, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(train_iter),
+            config=ocp.args.JsonSave(config.to_dict())))
+
+    step = int(jax.device_get(state.step))
+    logging.info("Training %s from step %d to %d on a %s mesh", config.dataset, step,
+                 config.num_train_steps, dict(mesh.shape))
+    pending, t_log = [], time.perf_counter()
+    while step < config.num_train_steps:
+        batch = parallel.global_batch({"image": next(train_iter)["image"]}, mesh)
+        state, metrics = step_fn(state, batch, lpips_params)
+        step += 1
+        pending.append(metrics)
+        report(step)
+        if step % config.log_every_steps == 0 or step == config.num_train_steps:
+            summary = jax.tree.map(lambda *m: float(np.mean(m)), *jax.device_get(pending))
+            now = time.perf_counter()
+            summary["img_per_s"] = len(pending) * config.batch_size / (now - t_log)
+            summary["skipped_images"] = train_source.num_skipped
+            writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
+            pending, t_log = [], time.perf_counter()
+        if step % config.checkpoint_every_steps == 0:
+            save(step)
+        if step % config.eval_every_steps == 0 and step < config.num_train_steps:
+            metrics_eval, recs = evaluate(state.g_params, lpips_params, eval_images, sc.vq)
+            _save_eval(workdir, step, metrics_eval, eval_images, recs, writer)
+    if manager.latest_step() != step:
+        save(step, force=True)
+    metrics_eval, recs = evaluate(state.g_params, lpips_params, eval_images, sc.vq)
+    _save_eval(workdir, step, metrics_eval, eval_images, recs, writer)
+    logging.info("Held-out metrics at step %d: %s", step, metrics_eval)
+    manager.wait_until_finished()
+    manager.close()
+    writer.flush()
+    return metrics_eval

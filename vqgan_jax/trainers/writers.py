@@ -1,0 +1,95 @@
+"""clu metric writers that work with or without TensorFlow.
+
+clu's ``metric_writers`` package imports its TensorFlow ``SummaryWriter`` at import time, so
+without TensorFlow neither ``clu.metric_writers`` nor ``clu.periodic_actions`` imports. When
+TensorFlow is missing we register, before clu is first imported, a ``SummaryWriter`` with the
+same interface that writes the same TensorBoard event files through tensorboardX. Everything
+else (``create_default_writer``, ``AsyncMultiWriter``, ``ReportProgress``) is clu's own.
+
+Import clu's writers through this module (``from vqgan_jax.trainers.writers import
+metric_writers, periodic_actions``) so the shim is in place first.
+"""
+
+import importlib.util
+import sys
+import types
+from typing import Any, Mapping
+
+import numpy as np
+
+_SUMMARY_MODULE = "clu.metric_writers.summary_writer"
+
+
+class TensorboardXSummaryWriter:
+    """clu ``MetricWriter`` interface over ``tensorboardX.SummaryWriter``.
+
+    Images are NHWC (or HWC) floats in [0, 1] or uint8, as clu's writers take them.
+    """
+
+    def __init__(self, logdir: str):
+        import tensorboardX
+        self._writer = tensorboardX.SummaryWriter(logdir)
+
+    def write_summaries(self, step: int, values: Mapping[str, Any],
+                        metadata: Mapping[str, Any] | None = None):
+        del metadata
+        for key, value in values.items():
+            value = np.asarray(value)
+            if value.ndim == 0:
+                self._writer.add_scalar(key, value.item(), step)
+            else:
+                self._writer.add_histogram(key, value, step)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+        for key, value in scalars.items():
+            self._writer.add_scalar(key, float(np.asarray(value)), step)
+
+    def write_images(self, step: int, images: Mapping[str, Any]):
+        for key, value in images.items():
+            value = np.asarray(value)
+            if value.ndim == 3:
+                value = value[None]
+            self._writer.add_images(key, value, step, dataformats="NHWC")
+
+    def write_videos(self, step: int, videos: Mapping[str, Any]):
+        del step, videos  # Not used by vqgan_jax; clu's TF writer also ignores videos.
+
+    def write_audios(self, step: int, audios: Mapping[str, Any], *, sample_rate: int):
+        for key, value in audios.items():
+            self._writer.add_audio(key, np.asarray(value)[0], step, sample_rate=sample_rate)
+
+    def write_texts(self, step: int, texts: Mapping[str, str]):
+        for key, value in texts.items():
+            self._writer.add_text(key, value, step)
+
+    def write_histograms(self, step: int, arrays: Mapping[str, Any],
+                         num_buckets: Mapping[str, int] | None = None):
+        del num_buckets
+        for key, value in arrays.items():
+            self._writer.add_histogram(key, np.asarray(value), step)
+
+    def write_hparams(self, hparams: Mapping[str, Any]):
+        flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                for k, v in hparams.items()}
+        self._writer.add_text("hparams", str(flat), 0)
+
+    def flush(self):
+        self._writer.flush()
+
+    def close(self):
+        self._writer.close()
+
+
+def _install_shim_if_no_tensorflow() -> None:
+    if _SUMMARY_MODULE in sys.modules or importlib.util.find_spec("tensorflow") is not None:
+        return
+    shim = types.ModuleType(_SUMMARY_MODULE)
+    shim.SummaryWriter = TensorboardXSummaryWriter
+    sys.modules[_SUMMARY_MODULE] = shim
+
+
+_install_shim_if_no_tensorflow()
+
+from clu import metric_writers, periodic_actions  # noqa: E402  (after the shim, on purpose)
+
+__all__ = ["metric_writers", "periodic_actions", "TensorboardXSummaryWriter"]
