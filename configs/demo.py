@@ -14,17 +14,22 @@ def get_config():
     c.image_size = 64
     c.min_crop_scale = 0.25
     c.batch_size = 8
-    c.num_train_steps = 600
+    c.num_train_steps = 650
     c.model.update(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(),
-                   z_channels=32, embed_dim=8, n_embed=1024, l2_normalize_codes=True)
+                   z_channels=32, embed_dim=8, n_embed=1024, l2_normalize_codes=True,
+                   norm_groups=8)  # 4 channels a group, as taming's 128 / 32 (32 groups: +1.2 dB less)
     c.disc.ndf = 32
-    c.loss.disc_start = 400
-    c.loss.perceptual_weight = 0.1
+    # taming switches the discriminator on after 250k ImageNet steps, once reconstructions are
+    # good; a 10-minute run never gets there (switched on at step 500 it cost 0-2 dB here).
+    c.loss.disc_start = 100_000
+    # LPIPS's VGG16 triples the step time on 2 CPU cores (1.9 s vs 0.63 s) and buys nothing
+    # measurable in a few hundred steps; metrics.json still reports held-out LPIPS.
+    c.loss.perceptual_weight = 0.0
     c.optimizer.base_learning_rate = 5e-4 / 8    # lr 5e-4 at batch 8
     c.optimizer.b1 = 0.9
     c.optimizer.b2 = 0.99
     c.log_every_steps = 25
-    c.eval_every_steps = 200
+    c.eval_every_steps = 10_000   # evaluate once, at the end
     c.num_eval_images = 2
     c.checkpoint_every_steps = 200
     return c

@@ -281,3 +281,19 @@ def test_eval_images_and_center_crop_resize(folder):
     assert len(images) == 3 and all(x.shape[0] % 8 == x.shape[1] % 8 == 0 for x in images)
     out = pipeline.center_crop_resize(_rgb(30, 50), 16)
     assert out.shape == (16, 16, 3) and out.dtype == np.float32 and out.min() >= -1
+
+
+def test_native_scale_random_crops_are_pixel_exact_windows():
+    """crop_mode="random": every output is an image_size window of a photo, flipped or not."""
+    src = sources.get_source("demo", "train")
+    photos = [src[i]["image"] for i in range(len(src))]
+    batch = next(pipeline.train_iterator(src, image_size=16, global_batch_size=4, seed=3,
+                                         crop_mode="random"))
+    for crop in batch["image"]:
+        crop_u8 = np.round((crop + 1) * 127.5).astype(np.uint8)
+        def occurs(window, photo):
+            tops, lefts = np.nonzero((photo[:-15, :-15] == window[0, 0]).all(-1))
+            return any((photo[t:t + 16, l:l + 16] == window).all() for t, l in zip(tops, lefts))
+        assert any(occurs(c, p) for p in photos for c in (crop_u8, crop_u8[:, ::-1]))
+    with pytest.raises(ValueError, match="config.crop_mode"):
+        pipeline.train_iterator(src, image_size=16, global_batch_size=4, seed=0, crop_mode="x")

@@ -18,7 +18,8 @@ def tokenizer_config() -> ml_collections.ConfigDict:
     c.train_split = "train"
     c.eval_split = "validation"
     c.image_size = 256                  # side of the square training crops, pixels
-    c.min_crop_scale = 0.5              # random crop side as a fraction of the short side, in [s, 1]
+    c.crop_mode = "random_resized"      # random_resized | random (image_size crops, native scale)
+    c.min_crop_scale = 0.5              # random_resized: crop side / short side, uniform in [s, 1]
     c.batch_size = 8                    # global batch (all processes and devices together)
     c.num_train_steps = 500_000
 

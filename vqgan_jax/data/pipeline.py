@@ -54,15 +54,24 @@ def center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
     return to_unit_range(_crop_resize(image, (h - side) // 2, (w - side) // 2, side, size))
 
 
+CROP_MODES = ("random_resized", "random")
+
+
 def _augment(record: dict, rng: np.random.Generator, *, image_size: int,
-             min_crop_scale: float) -> dict[str, np.ndarray]:
-    """Random square crop (side uniform(min_crop_scale, 1) * min(H, W)), resize, random flip.
+             min_crop_scale: float, crop_mode: str) -> dict[str, np.ndarray]:
+    """Random square crop, resized to image_size, random horizontal flip.
+
+    ``random_resized``: side uniform(min_crop_scale, 1) * min(H, W). ``random``: side
+    image_size at the image's own resolution (min(H, W) for smaller images, then upsampled).
 
     Returns ``{"image": float32[image_size, image_size, 3] in [-1, 1], "label": int32[]}``.
     """
     image = record["image"]  # uint8[H, W, 3]
     h, w = image.shape[:2]
-    side = max(1, round(rng.uniform(min_crop_scale, 1.0) * min(h, w)))
+    if crop_mode == "random":
+        side = min(image_size, h, w)
+    else:
+        side = max(1, round(rng.uniform(min_crop_scale, 1.0) * min(h, w)))
     top = rng.integers(0, h - side + 1)
     left = rng.integers(0, w - side + 1)
     out = _crop_resize(image, top, left, side, image_size)
@@ -77,7 +86,8 @@ def _has_image(record: dict) -> bool:
 
 def train_iterator(source: ImageSource, *, image_size: int, global_batch_size: int, seed: int,
                    process_index: int | None = None, process_count: int | None = None,
-                   min_crop_scale: float = 0.5) -> grain.DatasetIterator:
+                   min_crop_scale: float = 0.5,
+                   crop_mode: str = "random_resized") -> grain.DatasetIterator:
     """Endless iterator over this process's augmented training batches.
 
     Each process reads the records ``process_index::process_count`` of ``source``, shuffled
@@ -107,6 +117,9 @@ def train_iterator(source: ImageSource, *, image_size: int, global_batch_size: i
       process_index: this process (default ``jax.process_index()``).
       process_count: number of processes (default ``jax.process_count()``).
       min_crop_scale: smallest crop side as a fraction of the image's shorter side, in (0, 1].
+      crop_mode: ``"random_resized"`` (the above) or ``"random"``: crops of ``image_size``
+        pixels at the image's own resolution, no rescaling (for models evaluated on whole
+        images at full resolution).
 
     Returns:
       A ``grain.DatasetIterator`` yielding dicts ``image: float32[B, image_size, image_size, 3]``
@@ -114,7 +127,7 @@ def train_iterator(source: ImageSource, *, image_size: int, global_batch_size: i
 
     Raises:
       ValueError: if ``global_batch_size`` is not a positive multiple of ``process_count``,
-        ``min_crop_scale`` is not in (0, 1], or this process's share of ``source`` is empty.
+        ``min_crop_scale`` is not in (0, 1], ``crop_mode`` is unknown, or this process's share of ``source`` is empty.
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
@@ -123,6 +136,8 @@ def train_iterator(source: ImageSource, *, image_size: int, global_batch_size: i
     if global_batch_size <= 0 or global_batch_size % process_count:
         raise ValueError(f"config.batch_size={global_batch_size} (global) must be a positive "
                          f"multiple of the number of processes ({process_count}).")
+    if crop_mode not in CROP_MODES:
+        raise ValueError(f"config.crop_mode={crop_mode!r}; use one of {CROP_MODES}.")
     if not 0 < min_crop_scale <= 1:
         raise ValueError(f"config.min_crop_scale={min_crop_scale} must be in (0, 1].")
     local_batch_size = global_batch_size // process_count
@@ -136,7 +151,8 @@ def train_iterator(source: ImageSource, *, image_size: int, global_batch_size: i
     ds = (ds.seed(seed).shuffle().repeat()  # repeat() reshuffles each epoch
           .filter(_has_image)               # undecodable -> None, dropped by to_iter_dataset
           .random_map(functools.partial(_augment, image_size=image_size,
-                                        min_crop_scale=min_crop_scale), seed=augment_seed)
+                                        min_crop_scale=min_crop_scale, crop_mode=crop_mode),
+                      seed=augment_seed)
           # Reading, decoding and augmenting run in grain's threads (PIL releases the GIL).
           .to_iter_dataset(grain.ReadOptions(prefetch_buffer_size=max(2 * local_batch_size, 16)))
           .batch(local_batch_size, drop_remainder=True))

@@ -1,7 +1,6 @@
 """What every trainer shares: sharded state creation, checkpoints, writers, config checks."""
 
 import json
-import os
 from typing import Any, Callable
 
 import jax
@@ -67,9 +66,18 @@ def ensure_writable_workdir(workdir: str) -> None:
 
 
 def write_json(path: str, obj: dict) -> None:
-    """Write ``obj`` as indented JSON, atomically (write a temp file, then rename)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    """Write ``obj`` as indented JSON (local or gs:// paths), replacing any previous file whole."""
+    path = epath.Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    tmp.replace(path)
     logging.info("Wrote %s", path)
+
+
+def write_png(path: str, image) -> None:
+    """Write a uint8[H, W, 3] array as PNG (local or gs:// paths)."""
+    import io
+    from PIL import Image
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    epath.Path(path).write_bytes(buffer.getvalue())

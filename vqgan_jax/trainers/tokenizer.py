@@ -27,7 +27,6 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
-from PIL import Image
 
 from vqgan_jax import losses, parallel
 from vqgan_jax.data import pipeline, sources
@@ -201,6 +200,51 @@ def compute_grads(state: TrainState, batch: dict[str, jax.Array], lpips_params: 
     return g_grads, d_grads, batch_stats, metrics
 
 
+def reference_grads(state: TrainState, batch: dict[str, jax.Array], lpips_params: Any,
+                    sc: StepConfig) -> tuple[Any, Any, jax.Array]:
+    """The same gradients as :func:`compute_grads`, computed the unfused way taming does.
+
+    Three backward passes through the generator (for ||dL_rec/dW||, ||dL_GAN/dW|| and the
+    total loss) and fresh discriminator passes for its update. Kept as the reference the
+    fused step is tested against (tests/test_train_step.py) and as the baseline of
+    ``benchmarks/train_step.py --variant=reference``; too slow for training.
+
+    Returns:
+      ``(g_grads, d_grads, d_weight)``.
+    """
+    x = batch["image"]
+    d_vars = {"params": state.d_params, "batch_stats": state.d_batch_stats}
+
+    def parts(g_params):
+        x_hat, aux = sc.vq.apply({"params": g_params}, x, True)
+        nll = losses.l1_loss(x, x_hat)
+        if sc.perceptual_weight > 0:
+            nll = nll + sc.perceptual_weight * jnp.mean(lpips_fn(lpips_params, x, x_hat, sc.dtype))
+        logits_fake, _ = sc.disc.apply(d_vars, x_hat, train=True, mutable=["batch_stats"])
+        return nll, losses.generator_adv_loss(logits_fake), aux["vq_loss"], x_hat
+
+    last = lambda grads: grads["decoder"]["conv_out"]["kernel"]
+    nll_w = last(jax.grad(lambda p: parts(p)[0])(state.g_params))
+    gan_w = last(jax.grad(lambda p: parts(p)[1])(state.g_params))
+    d_weight = losses.adaptive_weight(nll_w, gan_w, sc.disc_weight)
+    disc_factor = losses.adopt_weight(sc.disc_factor, state.step, sc.disc_start)
+
+    def total(g_params):
+        nll, g_loss, vq_loss, _ = parts(g_params)
+        return nll + d_weight * disc_factor * g_loss + sc.codebook_weight * vq_loss
+
+    g_grads = jax.grad(total)(state.g_params)
+    x_hat = jax.lax.stop_gradient(parts(state.g_params)[3])
+
+    def d_total(d_params):
+        def d(images):
+            return sc.disc.apply({"params": d_params, "batch_stats": state.d_batch_stats},
+                                 images, train=True, mutable=["batch_stats"])[0]
+        return disc_factor * losses.d_loss(sc.disc_loss, d(x), d(x_hat))
+
+    return g_grads, jax.grad(d_total)(state.d_params), d_weight
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], lpips_params: Any,
                sc: StepConfig) -> tuple[TrainState, dict[str, jax.Array]]:
     """:func:`compute_grads`, then one Adam update of each model.
@@ -231,6 +275,7 @@ def jit_train_step(sc: StepConfig, mesh, state_shardings, lpips_params):
 
 # ----------------------------------------------------------------------------- evaluation
 
+@functools.partial(jax.jit, static_argnames="vq")
 def reconstruct(g_params: Any, lpips_params: Any, x: jax.Array, vq: VQModel) -> dict[str, jax.Array]:
     """Reconstruct ``x: float32[B, H, W, 3] in [-1, 1]`` and score it.
 
@@ -253,8 +298,7 @@ def evaluate(g_params: Any, lpips_params: Any, images: list[np.ndarray], vq: VQM
     images, ``codebook_usage`` (fraction of the n_embed codes used over all images) and
     ``perplexity`` of all their codes; reconstructions float32[H, W, 3] in [-1, 1].
     """
-    fn = jax.jit(functools.partial(reconstruct, vq=vq))
-    outs = [jax.device_get(fn(g_params, lpips_params, img[None])) for img in images]
+    outs = [jax.device_get(reconstruct(g_params, lpips_params, img[None], vq=vq)) for img in images]
     indices = jnp.concatenate([o["indices"].reshape(-1) for o in outs])
     perplexity, usage = codebook_stats(indices, vq.n_embed)
     metrics = dict(psnr=float(np.mean([o["psnr"][0] for o in outs])),
@@ -306,6 +350,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     if config.batch_size % num_devices:
         raise ValueError(f"config.batch_size={config.batch_size} (global) is not divisible by "
                          f"the {num_devices} devices the batch is split over.")
+    if config.loss.perceptual_weight > 0 and config.image_size < 32:
+        raise ValueError(f"config.image_size={config.image_size}: LPIPS (VGG16, four 2x poolings) "
+                         "needs at least 32 pixels; use larger images or "
+                         "config.loss.perceptual_weight=0.")
     if config.loss.disc_loss not in ("hinge", "vanilla"):
         raise ValueError(f"config.loss.disc_loss={config.loss.disc_loss!r}; use hinge or vanilla.")
     if config.num_train_steps < 0:
@@ -331,7 +379,7 @@ def _save_eval(workdir, step, metrics, originals, reconstructions, writer) -> No
     writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
     writer.write_images(step, {"eval/input|reconstruction": grid[None].astype(np.float32) / 255})
     if jax.process_index() == 0:
-        Image.fromarray(grid).save(os.path.join(workdir, "reconstructions.png"))
+        loop.write_png(os.path.join(workdir, "reconstructions.png"), grid)
         loop.write_json(os.path.join(workdir, "metrics.json"), dict(metrics, step=step))
 
 
@@ -359,7 +407,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     eval_images = _eval_images(config, f)
     train_iter = pipeline.train_iterator(
         train_source, image_size=config.image_size, global_batch_size=config.batch_size,
-        seed=config.seed, min_crop_scale=config.min_crop_scale)
+        seed=config.seed, min_crop_scale=config.min_crop_scale, crop_mode=config.crop_mode)
 
     state, shardings = loop.create_sharded_state(
         functools.partial(init_state, sc=sc, image_size=config.image_size),
@@ -389,31 +437,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     step = int(jax.device_get(state.step))
     logging.info("Training %s from step %d to %d on a %s mesh", config.dataset, step,
                  config.num_train_steps, dict(mesh.shape))
-    pending, t_log = [], time.perf_counter()
-    while step < config.num_train_steps:
-        batch = parallel.global_batch({"image": next(train_iter)["image"]}, mesh)
-        state, metrics = step_fn(state, batch, lpips_params)
-        step += 1
-        pending.append(metrics)
-        report(step)
-        if step % config.log_every_steps == 0 or step == config.num_train_steps:
-            summary = jax.tree.map(lambda *m: float(np.mean(m)), *jax.device_get(pending))
-            now = time.perf_counter()
-            summary["img_per_s"] = len(pending) * config.batch_size / (now - t_log)
-            summary["skipped_images"] = train_source.num_skipped
-            writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
-            pending, t_log = [], time.perf_counter()
-        if step % config.checkpoint_every_steps == 0:
-            save(step)
-        if step % config.eval_every_steps == 0 and step < config.num_train_steps:
-            metrics_eval, recs = evaluate(state.g_params, lpips_params, eval_images, sc.vq)
-            _save_eval(workdir, step, metrics_eval, eval_images, recs, writer)
-    if manager.latest_step() != step:
-        save(step, force=True)
-    metrics_eval, recs = evaluate(state.g_params, lpips_params, eval_images, sc.vq)
-    _save_eval(workdir, step, metrics_eval, eval_images, recs, writer)
-    logging.info("Held-out metrics at step %d: %s", step, metrics_eval)
-    manager.wait_until_finished()
-    manager.close()
-    writer.flush()
+    try:
+        pending, t_log = [], time.perf_counter()
+        while step < config.num_train_steps:
+            batch = parallel.global_batch({"image": next(train_iter)["image"]}, mesh)
+            state, metrics = step_fn(state, batch, lpips_params)
+            step += 1
+            pending.append(metrics)
+            report(step)
+            if step % config.log_every_steps == 0 or step == config.num_train_steps:
+                summary = jax.tree.map(lambda *m: float(np.mean(m)), *jax.device_get(pending))
+                now = time.perf_counter()
+                summary["img_per_s"] = len(pending) * config.batch_size / (now - t_log)
+                summary["skipped_images"] = train_source.num_skipped
+                writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
+                pending, t_log = [], time.perf_counter()
+            if step % config.checkpoint_every_steps == 0:
+                save(step)
+            if step % config.eval_every_steps == 0 and step < config.num_train_steps:
+                metrics_eval, recs = evaluate(state.g_params, lpips_params, eval_images, sc.vq)
+                _save_eval(workdir, step, metrics_eval, eval_images, recs, writer)
+        if manager.latest_step() != step:
+            save(step, force=True)
+        metrics_eval, recs = evaluate(state.g_params, lpips_params, eval_images, sc.vq)
+        _save_eval(workdir, step, metrics_eval, eval_images, recs, writer)
+        logging.info("Held-out metrics at step %d: %s", step, metrics_eval)
+    finally:  # Whatever happened, let the checkpoint in flight finish writing.
+        manager.wait_until_finished()
+        manager.close()
+        writer.flush()
     return metrics_eval

@@ -1,0 +1,60 @@
+"""Every config file loads, has the fields users override, and trains one real step at tiny size."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import CONFIG_DIR, load_config, shrink
+from vqgan_jax import main, parallel
+from vqgan_jax.models.lpips import load_lpips_params
+from vqgan_jax.trainers import loop
+from vqgan_jax.trainers import tokenizer as T
+
+CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.py"))
+
+
+def test_the_configs_we_document_exist():
+    assert {"demo", "imagenet_f16", "imagenet_f16_16384"} <= set(CONFIGS)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_trains_one_step_at_tiny_size(name):
+    config = load_config(name)
+    for field in ("dataset", "batch_size", "image_size", "num_train_steps"):
+        assert field in config, field
+    assert config.stage in main.STAGES
+    T.validate_config(config, num_devices=1)  # the real recipe is consistent
+    config = shrink(config)
+    T.validate_config(config, num_devices=1)
+    sc = T.build_step_config(config)
+    mesh = parallel.create_mesh(devices=jax.devices()[:1])
+    state, shardings = loop.create_sharded_state(
+        functools.partial(T.init_state, sc=sc, image_size=config.image_size),
+        jax.random.key(0), mesh)
+    lpips_params = load_lpips_params()
+    step = T.jit_train_step(sc, mesh, shardings, lpips_params)
+    images = np.random.default_rng(0).uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32)
+    state, metrics = step(state, parallel.global_batch({"image": images}, mesh), lpips_params)
+    assert int(state.step) == 1
+    assert all(np.isfinite(float(v)) for v in metrics.values())
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("image_size", 40, "not divisible by the downsampling factor"),
+    ("model.attn_resolutions", (7,), "never reaches"),
+    ("model.n_embed", 1, "at least 2 codes"),
+    ("batch_size", 6, "not divisible by the 4 devices"),
+    ("loss.disc_loss", "wasserstein", "config.loss.disc_loss"),
+    ("dtype", "float16", "config.dtype"),
+])
+def test_bad_config_fails_naming_the_field(field, value, message):
+    config = load_config("imagenet_f16")
+    *parents, leaf = field.split(".")
+    node = config
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+    with pytest.raises(ValueError, match=message):
+        T.validate_config(config, num_devices=4)
