@@ -17,7 +17,7 @@ def get_config():
     c.num_train_steps = 650
     c.model.update(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(),
                    z_channels=32, embed_dim=8, n_embed=1024, l2_normalize_codes=True,
-                   norm_groups=8)  # 4 channels a group, as taming's 128 / 32 (32 groups: +1.2 dB less)
+                   norm_groups=8)  # 4 channels a group, as taming's 128 / 32; one a group: -1.2 dB
     c.disc.ndf = 32
     # taming switches the discriminator on after 250k ImageNet steps, once reconstructions are
     # good; a 10-minute run never gets there (switched on at step 500 it cost 0-2 dB here).

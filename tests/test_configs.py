@@ -58,3 +58,24 @@ def test_bad_config_fails_naming_the_field(field, value, message):
     node[leaf] = value
     with pytest.raises(ValueError, match=message):
         T.validate_config(config, num_devices=4)
+
+
+def test_training_code_imports_and_logs_without_tensorflow(tmp_path):
+    """With tensorflow made unimportable, the trainer imports and writes TensorBoard events."""
+    import subprocess
+    import sys
+    code = f"""
+import importlib.abc, sys
+class NoTensorflow(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "tensorflow" or name.startswith("tensorflow."):
+            raise ImportError("tensorflow blocked by the test")
+sys.meta_path.insert(0, NoTensorflow())
+import vqgan_jax.main, vqgan_jax.trainers.tokenizer, vqgan_jax.trainers.loop as loop
+writer = loop.create_writer({str(tmp_path)!r})
+writer.write_scalars(1, {{"loss": 0.5}})
+writer.flush()
+assert not any(m == "tensorflow" or m.startswith("tensorflow.") for m in sys.modules)
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    assert list(tmp_path.glob("events.out.tfevents.*"))

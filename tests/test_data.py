@@ -297,3 +297,12 @@ def test_native_scale_random_crops_are_pixel_exact_windows():
         assert any(occurs(c, p) for p in photos for c in (crop_u8, crop_u8[:, ::-1]))
     with pytest.raises(ValueError, match="config.crop_mode"):
         pipeline.train_iterator(src, image_size=16, global_batch_size=4, seed=0, crop_mode="x")
+
+
+def test_folder_without_a_usable_image_is_a_clear_error(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"not an image")
+    (tmp_path / "b.png").write_bytes(b"")
+    src = sources.get_source(f"folder:{tmp_path}", "train")
+    it = pipeline.train_iterator(src, image_size=8, global_batch_size=2, seed=0)
+    with pytest.raises(ValueError, match="none of its 2 images could be decoded"):
+        next(it)

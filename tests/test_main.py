@@ -24,11 +24,12 @@ TINY = ["--config.image_size=32", "--config.batch_size=4", "--config.model.ch=32
 
 
 def run_main(workdir, *flags, timeout=300):
+    """``python -m vqgan_jax.main`` run from workdir's parent, with a relative --workdir."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     return subprocess.run(
-        [sys.executable, "-m", "vqgan_jax.main", "--config=configs/demo.py",
-         f"--workdir={workdir}", *TINY, *flags],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        [sys.executable, "-m", "vqgan_jax.main", f"--config={ROOT / 'configs' / 'demo.py'}",
+         f"--workdir={workdir.name}", *TINY, *flags],
+        cwd=workdir.parent, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def make_folder(root: pathlib.Path) -> pathlib.Path:

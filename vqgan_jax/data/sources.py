@@ -54,6 +54,10 @@ class ImageSource:
       num_skipped: how many reads so far returned an undecodable record (``image`` None).
         Counts every read, so a corrupt file is counted again in each epoch, and records
         read ahead by the pipeline's prefetch threads count before the trainer sees them.
+
+    Raises (from ``__getitem__``):
+      ValueError: once as many reads as the source has records failed and none succeeded:
+        a dataset with no usable image stops the run instead of looping forever.
     """
 
     name: str
@@ -62,6 +66,7 @@ class ImageSource:
 
     def __init__(self):
         self._skipped = 0
+        self._decoded = 0
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -76,9 +81,15 @@ class ImageSource:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {self!r} of length {len(self)}")
         record = self._load(index)
-        if record["image"] is None:
-            with self._lock:
-                self._skipped += 1
+        with self._lock:
+            if record["image"] is not None:
+                self._decoded += 1
+                return record
+            self._skipped += 1
+            if self._decoded == 0 and self._skipped >= len(self):
+                raise ValueError(
+                    f"{self!r}: none of its {len(self)} images could be decoded (see the "
+                    "warnings above for each path); point config.dataset at usable images.")
         return record
 
     @property

@@ -1,6 +1,7 @@
 """What every trainer shares: sharded state creation, checkpoints, writers, config checks."""
 
 import json
+import os
 from typing import Any, Callable
 
 import jax
@@ -48,8 +49,11 @@ def create_writer(workdir: str) -> metric_writers.MetricWriter:
         workdir, just_logging=jax.process_index() > 0, asynchronous=True)
 
 
-def ensure_writable_workdir(workdir: str) -> None:
+def ensure_writable_workdir(workdir: str) -> str:
     """Create ``workdir`` (local or gs://) and check that a file can be written in it.
+
+    Returns:
+      The workdir as an absolute path (orbax needs one) or the URL unchanged.
 
     Raises:
       ValueError: naming ``--workdir`` when it cannot be created or written.
@@ -63,6 +67,7 @@ def ensure_writable_workdir(workdir: str) -> None:
     except OSError as e:
         raise ValueError(f"--workdir={workdir} is not writable ({e}); pass a directory you "
                          "can write to.") from e
+    return workdir if "://" in workdir else os.path.abspath(workdir)
 
 
 def write_json(path: str, obj: dict) -> None:

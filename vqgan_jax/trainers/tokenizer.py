@@ -399,7 +399,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     import grain  # Imported here: only the job itself needs the data loader's checkpointing.
 
     validate_config(config, jax.device_count())
-    loop.ensure_writable_workdir(workdir)
+    workdir = loop.ensure_writable_workdir(workdir)
     mesh = parallel.create_mesh(config.mesh.data, config.mesh.fsdp)
     train_source = sources.get_source(config.dataset, config.train_split, data_dir=config.data_dir)
     sc = build_step_config(config)

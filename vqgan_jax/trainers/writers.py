@@ -80,8 +80,15 @@ class TensorboardXSummaryWriter:
         self._writer.close()
 
 
+def _tensorflow_importable() -> bool:
+    try:
+        return importlib.util.find_spec("tensorflow") is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def _install_shim_if_no_tensorflow() -> None:
-    if _SUMMARY_MODULE in sys.modules or importlib.util.find_spec("tensorflow") is not None:
+    if _SUMMARY_MODULE in sys.modules or _tensorflow_importable():
         return
     shim = types.ModuleType(_SUMMARY_MODULE)
     shim.SummaryWriter = TensorboardXSummaryWriter
