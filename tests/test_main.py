@@ -73,7 +73,8 @@ def test_main_on_tfds_mock_imagenet(tmp_path):
     config = shrink(load_config("imagenet_f16"))
     config.update(num_train_steps=2, log_every_steps=1, checkpoint_every_steps=1,
                   num_eval_images=2, eval_every_steps=100)
-    config.batch_size = 4
+    # In-process, the job sees conftest's 8 simulated devices: shrink's global batch of 8 is
+    # one image a device on the (8 data x 1 fsdp) mesh.
     with tfds.testing.mock_data(num_examples=8, policy=tfds.testing.MockPolicy.USE_CODE):
         metrics = tokenizer.train_and_evaluate(config, str(tmp_path))
     assert metrics["num_images"] == 2 and np.isfinite(metrics["psnr"])

@@ -195,7 +195,7 @@ def compute_grads(state: TrainState, batch: dict[str, jax.Array], lpips_params: 
         perplexity=aux["perplexity"], codebook_usage=aux["codebook_usage"],
         logits_real=jnp.mean(logits_real.astype(jnp.float32)),
         logits_fake=jnp.mean(logits_fake.astype(jnp.float32)),
-        g_grad_norm=optax.global_norm(g_grads), d_grad_norm=optax.global_norm(d_grads))
+        g_grad_norm=optax.tree.norm(g_grads), d_grad_norm=optax.tree.norm(d_grads))
     metrics = jax.tree.map(lambda m: jnp.asarray(m, jnp.float32), metrics)
     return g_grads, d_grads, batch_stats, metrics
 
