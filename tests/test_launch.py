@@ -1,0 +1,47 @@
+"""launch/tpu_pod.sh in dry-run mode: the commands it would send to every TPU worker."""
+
+import os
+import shlex
+import subprocess
+
+from conftest import ROOT, load_config
+
+
+def dry_run(**env):
+    env = dict(os.environ, TPU="pod", ZONE="us-central2-b", BUCKET="bkt",
+               REPO="https://example.invalid/vqgan_jax.git", DRY_RUN="1", **env)
+    out = subprocess.run(["bash", str(ROOT / "launch" / "tpu_pod.sh")], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    return [shlex.split(line) for line in out.splitlines()]
+
+
+def test_tpu_pod_script_runs_main_on_every_worker_with_valid_flags():
+    create, setup, train = dry_run(BATCH_SIZE="512", FSDP="4",
+                                   EXTRA="--config.num_train_steps=1000")
+    assert create[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "create"]
+    for cmd in (setup, train):
+        assert cmd[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pod"]
+        assert "--worker=all" in cmd
+    remote = shlex.split(next(a for a in train if a.startswith("--command=")).split("=", 1)[1])
+    assert remote[:6] == ["cd", "vqgan_jax", "&&", "python3", "-m", "vqgan_jax.main"]
+    flags = dict(a.lstrip("-").split("=", 1) if "=" in a else (a.lstrip("-"), True)
+                 for a in remote[6:])
+    assert flags.pop("distributed") is True
+    assert flags.pop("workdir") == "gs://bkt/runs/imagenet_f16"
+    assert (ROOT / flags.pop("config")).is_file()
+    config = load_config("imagenet_f16")
+    expected = {"config.data_dir": "gs://bkt/tensorflow_datasets", "config.batch_size": "512",
+                "config.mesh.fsdp": "4", "config.num_train_steps": "1000"}
+    assert flags == expected
+    for name in expected:  # every override names a real config field
+        node = config
+        for part in name.split(".")[1:]:
+            assert part in node, name
+            node = node[part]
+
+
+def test_tpu_pod_script_requires_its_variables():
+    env = {k: v for k, v in os.environ.items() if k not in ("TPU", "ZONE", "BUCKET")}
+    result = subprocess.run(["bash", str(ROOT / "launch" / "tpu_pod.sh")], env=env,
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "TPU" in result.stderr
