@@ -55,4 +55,7 @@ def tokenizer_config() -> ml_collections.ConfigDict:
     c.num_eval_images = 16              # held-out images evaluated (demo: all held-out photos)
     c.checkpoint_every_steps = 5_000
     c.max_checkpoints_to_keep = 3
+    # Steps whose loss or gradients are NaN/Inf are skipped (no update); this many in a row
+    # stop the run with an error, leaving the last good checkpoint as it was.
+    c.max_consecutive_nonfinite = 20
     return c

@@ -2,16 +2,19 @@
 
 import json
 import os
+import signal
+import threading
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
 from vqgan_jax import parallel
-from vqgan_jax.trainers.writers import metric_writers
+from vqgan_jax.trainers.writers import JsonlWriter, metric_writers
 
 
 def create_sharded_state(init_fn: Callable[[jax.Array], Any], rng: jax.Array,
@@ -44,9 +47,125 @@ def abstract_like(state: Any, shardings: Any) -> Any:
 
 
 def create_writer(workdir: str) -> metric_writers.MetricWriter:
-    """clu writer: console logging everywhere, TensorBoard events in workdir on process 0."""
-    return metric_writers.create_default_writer(
+    """clu writer: console logging everywhere; on process 0 also TensorBoard events and
+    ``scalars.jsonl`` (one JSON object ``{"step": s, name: value, ...}`` a line) in workdir."""
+    writer = metric_writers.create_default_writer(
         workdir, just_logging=jax.process_index() > 0, asynchronous=True)
+    if jax.process_index() > 0:
+        return writer
+    return metric_writers.MultiWriter([writer, JsonlWriter(os.path.join(workdir, "scalars.jsonl"))])
+
+
+def all_finite(*scalars: jax.Array) -> jax.Array:
+    """bool[]: True when every one of ``scalars`` is finite (no NaN, no +-Inf)."""
+    return jnp.all(jnp.isfinite(jnp.stack([jnp.asarray(x, jnp.float32) for x in scalars])))
+
+
+class NonFiniteGuard:
+    """Counts the train steps skipped for a NaN/Inf loss or gradient and stops a run that keeps
+    producing them.
+
+    The step reports ``metrics["nonfinite"]`` (0 or 1) and leaves the state unchanged itself;
+    this host-side guard reads each flag one step late, so that reading it never stalls the
+    dispatch of the next step.
+
+    Raises:
+      FloatingPointError: from :meth:`observe` or :meth:`flush` once ``max_consecutive``
+        steps in a row were non-finite, naming the last of them.
+    """
+
+    def __init__(self, max_consecutive: int):
+        if max_consecutive < 1:
+            raise ValueError(f"config.max_consecutive_nonfinite={max_consecutive} must be >= 1.")
+        self.max_consecutive = max_consecutive
+        self.streak = 0      # consecutive non-finite steps up to the last one checked
+        self._unchecked: list[tuple[int, jax.Array]] = []
+
+    def observe(self, step: int, flag: jax.Array) -> None:
+        """Queue ``flag`` (float32[], 1 = non-finite) of ``step``; check the ones before it."""
+        self._unchecked.append((step, flag))
+        while len(self._unchecked) > 1:
+            self._check(*self._unchecked.pop(0))
+
+    def flush(self) -> None:
+        """Check every queued flag now (before a checkpoint, and at the end)."""
+        while self._unchecked:
+            self._check(*self._unchecked.pop(0))
+
+    def _check(self, step: int, flag: jax.Array) -> None:
+        if float(jax.device_get(flag)) == 0.0:
+            self.streak = 0
+            return
+        self.streak += 1
+        logging.warning("Step %d: non-finite loss or gradient; update skipped (%d in a row).",
+                        step, self.streak)
+        if self.streak >= self.max_consecutive:
+            raise FloatingPointError(
+                f"Steps {step - self.streak + 1} to {step}: {self.streak} consecutive steps with a "
+                f"non-finite loss or gradient (config.max_consecutive_nonfinite="
+                f"{self.max_consecutive}); stopped at step {step} without saving. The last good "
+                "checkpoint is untouched: lower the learning rate or check the data, then resume.")
+
+
+FAULT_ENV = "VQGAN_JAX_FAULT"
+
+
+def fault_injector() -> Callable[[int], None]:
+    """Fault injection for the tests of resume and preemption.
+
+    With ``VQGAN_JAX_FAULT="STEP:SIGNAL"`` in the environment (e.g. ``"5:SIGKILL"``), the
+    returned function sends this process ``SIGNAL`` once step ``STEP`` has finished and been
+    logged: a crash or a preemption at an exact step. Without the variable it does nothing.
+
+    Raises:
+      ValueError: naming the variable when its value is not of that form.
+    """
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return lambda step: None
+    try:
+        at, name = spec.split(":")
+        at, signum = int(at), getattr(signal, name)
+    except (ValueError, AttributeError) as e:
+        raise ValueError(f"{FAULT_ENV}={spec!r}: expected STEP:SIGNAL, e.g. 5:SIGKILL.") from e
+
+    def inject(step: int) -> None:
+        if step == at:
+            logging.warning("%s: sending %s after step %d.", FAULT_ENV, name, step)
+            os.kill(os.getpid(), signum)
+    return inject
+
+
+class Preemption:
+    """Notices SIGTERM (preemption) so the loop can save at the next step boundary and exit.
+
+    On one process a SIGTERM handler sets a flag (the previous handler is restored on
+    :meth:`close`). With several processes, ``jax.distributed`` already listens for the
+    signal and :meth:`orbax.checkpoint.CheckpointManager.reached_preemption` makes all hosts
+    agree on the step; that is what :meth:`requested` asks then.
+    """
+
+    def __init__(self, manager: ocp.CheckpointManager):
+        self._manager = manager
+        self._signalled = threading.Event()
+        self._previous = None
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: saving at the next step boundary, then exiting.")
+        self._signalled.set()
+
+    def requested(self, step: int) -> bool:
+        """True when the run should save at ``step`` and stop."""
+        if jax.process_count() > 1:
+            return self._manager.reached_preemption(step)
+        return self._signalled.is_set()
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
 
 
 def ensure_writable_workdir(workdir: str) -> str:

@@ -249,18 +249,28 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], lpips_params: Any
                sc: StepConfig) -> tuple[TrainState, dict[str, jax.Array]]:
     """:func:`compute_grads`, then one Adam update of each model.
 
+    If the loss, the discriminator loss or either gradient norm is NaN or Inf, neither update is
+    applied (parameters, optimizer states and BatchNorm statistics stay as they were), the step
+    counter still advances, and ``metrics["nonfinite"]`` is 1.
+
     Returns:
-      ``(new_state, metrics)`` with float32 scalar metrics (see :func:`compute_grads`).
+      ``(new_state, metrics)`` with float32 scalar metrics (see :func:`compute_grads`) plus
+      ``nonfinite`` (0 or 1).
     """
     g_grads, d_grads, batch_stats, metrics = compute_grads(state, batch, lpips_params, sc)
     g_updates, g_opt_state = sc.g_tx.update(g_grads, state.g_opt_state, state.g_params)
     d_updates, d_opt_state = sc.d_tx.update(d_grads, state.d_opt_state, state.d_params)
-    new_state = state.replace(
-        step=state.step + 1,
+    updated = state.replace(
         g_params=optax.apply_updates(state.g_params, g_updates),
         d_params=optax.apply_updates(state.d_params, d_updates),
         d_batch_stats=batch_stats, g_opt_state=g_opt_state, d_opt_state=d_opt_state)
-    return new_state, metrics
+    # Non-finite guard: a NaN/Inf loss or gradient leaves both models, both optimizer states
+    # and the BatchNorm statistics as they were; the step still advances (its data is used).
+    finite = loop.all_finite(metrics["loss"], metrics["d_loss"], metrics["g_grad_norm"],
+                             metrics["d_grad_norm"])
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+    metrics = dict(metrics, nonfinite=1.0 - finite.astype(jnp.float32))
+    return new_state.replace(step=state.step + 1), metrics
 
 
 def jit_train_step(sc: StepConfig, mesh, state_shardings, lpips_params):
@@ -358,6 +368,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         raise ValueError(f"config.loss.disc_loss={config.loss.disc_loss!r}; use hinge or vanilla.")
     if config.num_train_steps < 0:
         raise ValueError("config.num_train_steps must be >= 0.")
+    if config.max_consecutive_nonfinite < 1:
+        raise ValueError(f"config.max_consecutive_nonfinite={config.max_consecutive_nonfinite} "
+                         "must be >= 1 (the number of NaN/Inf steps in a row that stops a run).")
 
 
 def _eval_images(config, f: int) -> list[np.ndarray]:
@@ -388,13 +401,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     Leaves in workdir: ``checkpoints/`` (orbax), TensorBoard events, ``reconstructions.png``
     (held-out originals | reconstructions) and ``metrics.json`` (psnr in dB, lpips,
-    codebook_usage as a fraction, perplexity), rewritten at every evaluation.
+    codebook_usage as a fraction, perplexity), rewritten at every evaluation, and
+    ``scalars.jsonl`` (every logged scalar, a JSON object per line).
+
+    Robustness: a SIGTERM saves a checkpoint at the next step boundary and returns
+    ``{"preempted_at_step": step}`` (rerunning resumes there); a step with a NaN/Inf loss or
+    gradient is skipped (``train/nonfinite_steps``), and ``config.max_consecutive_nonfinite``
+    of them in a row raise FloatingPointError without saving. A restart resumes from the
+    newest complete checkpoint (a save cut short leaves only a temporary folder, ignored).
 
     Returns:
-      The final held-out metrics.
+      The final held-out metrics, or ``{"preempted_at_step": step}``.
 
     Raises:
       ValueError: for a config field or dataset that cannot work, before anything compiles.
+      FloatingPointError: after ``config.max_consecutive_nonfinite`` non-finite steps in a row.
     """
     import grain  # Imported here: only the job itself needs the data loader's checkpointing.
 
@@ -437,32 +458,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     step = int(jax.device_get(state.step))
     logging.info("Training %s from step %d to %d on a %s mesh", config.dataset, step,
                  config.num_train_steps, dict(mesh.shape))
+    guard = loop.NonFiniteGuard(config.max_consecutive_nonfinite)
+    preemption = loop.Preemption(manager)
+    inject_fault = loop.fault_injector()
+    metrics_eval = {}
     try:
-        pending, t_log = [], time.perf_counter()
+        pending, t_log, nonfinite_steps = [], time.perf_counter(), 0
         while step < config.num_train_steps:
+            if preemption.requested(step):
+                guard.flush()
+                if manager.latest_step() != step:
+                    save(step, force=True)
+                logging.warning("Preempted: saved step %d in %s; the same command resumes.",
+                                step, manager.directory)
+                return {"preempted_at_step": step}
             batch = parallel.global_batch({"image": next(train_iter)["image"]}, mesh)
             state, metrics = step_fn(state, batch, lpips_params)
             step += 1
+            guard.observe(step, metrics["nonfinite"])
             pending.append(metrics)
             report(step)
             if step % config.log_every_steps == 0 or step == config.num_train_steps:
-                summary = jax.tree.map(lambda *m: float(np.mean(m)), *jax.device_get(pending))
+                fetched = jax.device_get(pending)
+                summary = jax.tree.map(lambda *m: float(np.mean(m)), *fetched)
                 now = time.perf_counter()
+                nonfinite_steps += sum(int(m["nonfinite"]) for m in fetched)
                 summary["img_per_s"] = len(pending) * config.batch_size / (now - t_log)
                 summary["skipped_images"] = train_source.num_skipped
+                summary["nonfinite_steps"] = nonfinite_steps  # skipped updates, this process
                 writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
                 pending, t_log = [], time.perf_counter()
             if step % config.checkpoint_every_steps == 0:
-                save(step)
+                guard.flush()   # raises before saving if this step ends a bad streak
+                if guard.streak == 0:
+                    save(step)
             if step % config.eval_every_steps == 0 and step < config.num_train_steps:
                 metrics_eval, recs = evaluate(state.g_params, lpips_params, eval_images, sc.vq)
                 _save_eval(workdir, step, metrics_eval, eval_images, recs, writer)
+            inject_fault(step)
+        guard.flush()
         if manager.latest_step() != step:
             save(step, force=True)
         metrics_eval, recs = evaluate(state.g_params, lpips_params, eval_images, sc.vq)
         _save_eval(workdir, step, metrics_eval, eval_images, recs, writer)
         logging.info("Held-out metrics at step %d: %s", step, metrics_eval)
     finally:  # Whatever happened, let the checkpoint in flight finish writing.
+        preemption.close()
         manager.wait_until_finished()
         manager.close()
         writer.flush()

@@ -11,6 +11,7 @@ metric_writers, periodic_actions``) so the shim is in place first.
 """
 
 import importlib.util
+import json
 import sys
 import types
 from typing import Any, Mapping
@@ -80,6 +81,56 @@ class TensorboardXSummaryWriter:
         self._writer.close()
 
 
+class JsonlWriter:
+    """clu ``MetricWriter`` that appends every ``write_scalars`` call to a JSON Lines file.
+
+    Each line is ``{"step": step, name: value, ...}`` with float values; a resumed run appends
+    to the same file, so a step logged before a crash and again after the restart appears
+    twice (with the same values: training is deterministic given the checkpoint). Other
+    summaries (images, hparams, ...) are not written.
+    """
+
+    def __init__(self, path: str):
+        from etils import epath
+        self._path = epath.Path(path)
+        self._lines: list[str] = []
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+        row = {"step": int(step), **{k: float(np.asarray(v)) for k, v in scalars.items()}}
+        self._lines.append(json.dumps(row))
+        self.flush()
+
+    def write_images(self, step, images):
+        pass
+
+    def write_videos(self, step, videos):
+        pass
+
+    def write_audios(self, step, audios, *, sample_rate):
+        pass
+
+    def write_texts(self, step, texts):
+        pass
+
+    def write_histograms(self, step, arrays, num_buckets=None):
+        pass
+
+    def write_summaries(self, step, values, metadata=None):
+        pass
+
+    def write_hparams(self, hparams):
+        pass
+
+    def flush(self):
+        if self._lines:
+            with self._path.open("a") as f:
+                f.write("".join(line + "\n" for line in self._lines))
+            self._lines = []
+
+    def close(self):
+        self.flush()
+
+
 def _tensorflow_importable() -> bool:
     try:
         return importlib.util.find_spec("tensorflow") is not None
@@ -99,4 +150,4 @@ _install_shim_if_no_tensorflow()
 
 from clu import metric_writers, periodic_actions  # noqa: E402  (after the shim, on purpose)
 
-__all__ = ["metric_writers", "periodic_actions", "TensorboardXSummaryWriter"]
+__all__ = ["metric_writers", "periodic_actions", "JsonlWriter", "TensorboardXSummaryWriter"]

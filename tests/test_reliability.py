@@ -1,0 +1,137 @@
+"""Nothing is lost: exact resume after SIGKILL, SIGTERM preemption, a save cut short,
+non-finite steps, and bad workdirs."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import ROOT, load_config, shrink
+from test_main import TINY, make_folder
+from test_train_step import lpips_params, tiny_setup  # noqa: F401  (fixture)
+from vqgan_jax import parallel
+from vqgan_jax.trainers import loop
+from vqgan_jax.trainers import tokenizer as T
+
+
+def run(workdir: pathlib.Path, data: pathlib.Path, steps: int, fault: str | None = None):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop(loop.FAULT_ENV, None)
+    if fault:
+        env[loop.FAULT_ENV] = fault
+    flags = [*TINY, f"--config.dataset=folder:{data}", f"--config.num_train_steps={steps}",
+             "--config.checkpoint_every_steps=2", "--config.eval_every_steps=1000",
+             "--config.max_checkpoints_to_keep=10", "--config.loss.perceptual_weight=0"]
+    return subprocess.run(
+        [sys.executable, "-m", "vqgan_jax.main", f"--config={ROOT / 'configs' / 'demo.py'}",
+         f"--workdir={workdir}", *flags], env=env, capture_output=True, text=True, timeout=300)
+
+
+def logged_losses(workdir: pathlib.Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (workdir / "scalars.jsonl").read_text().splitlines()]
+    return [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+
+
+def final_params(workdir: pathlib.Path, step: int):
+    with ocp.CheckpointManager(workdir / "checkpoints", item_names=("state",)) as manager:
+        return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+
+
+def test_killed_preempted_and_resumed_run_is_bit_identical_to_a_straight_run(tmp_path):
+    data = make_folder(tmp_path / "images")
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    result = run(straight, data, 6)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    # A crash (SIGKILL) after step 5: the restart resumes from the newest complete checkpoint.
+    result = run(broken, data, 6, fault="5:SIGKILL")
+    assert result.returncode == -signal.SIGKILL
+    # Preemption (SIGTERM) after the resumed run's step 5: it saves step 5 and exits 0.
+    result = run(broken, data, 6, fault="5:SIGTERM")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resumed" in result.stderr and "from step 0" not in result.stderr
+    assert "Preempted: saved step 5" in result.stderr
+    # A save cut short by a kill leaves a temporary folder: ignored, the restart uses step 5.
+    partial = broken / "checkpoints" / "6.orbax-checkpoint-tmp-1234567"
+    (partial / "state").mkdir(parents=True)
+    (partial / "state" / "half_written").write_bytes(b"\0" * 100)
+    result = run(broken, data, 6)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "from step 5 to 6" in result.stderr
+
+    expected = dict(logged_losses(straight))
+    assert sorted(expected) == [1, 2, 3, 4, 5, 6]
+    got = logged_losses(broken)  # steps re-run after the crash appear twice
+    assert {s for s, _ in got} == set(expected) and len(got) > 6
+    for step, loss in got:
+        assert loss == expected[step], (step, loss, expected[step])
+    a, b = final_params(straight, 6), final_params(broken, 6)
+    assert int(a["step"]) == int(b["step"]) == 6
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_nonfinite_step_is_skipped_for_both_models(lpips_params):  # noqa: F811
+    _, sc, mesh, state, shardings, batch = tiny_setup(disc_start=0)
+    step = T.jit_train_step(sc, mesh, shardings, lpips_params)
+    before = jax.device_get(state)
+    nan_batch = {"image": batch["image"].at[0, 0, 0, 0].set(jnp.nan)}
+    state, metrics = step(state, nan_batch, lpips_params)
+    assert float(metrics["nonfinite"]) == 1.0 and not np.isfinite(float(metrics["loss"]))
+    after = jax.device_get(state)
+    assert int(after.step) == 1
+    for x, y in zip(jax.tree.leaves(before.replace(step=0)), jax.tree.leaves(after.replace(step=0))):
+        np.testing.assert_array_equal(x, y)  # params, optimizer states, BatchNorm stats
+    state, metrics = step(state, batch, lpips_params)
+    assert float(metrics["nonfinite"]) == 0.0 and int(state.step) == 2
+    moved = jax.device_get(state.g_params["decoder"]["conv_out"]["kernel"])
+    assert not np.array_equal(moved, before.g_params["decoder"]["conv_out"]["kernel"])
+
+
+def test_consecutive_nonfinite_steps_stop_the_run_keeping_the_last_good_checkpoint(
+        tmp_path, monkeypatch):
+    config = shrink(load_config("demo"))
+    config.update(num_train_steps=20, checkpoint_every_steps=2, log_every_steps=1,
+                  eval_every_steps=1000, num_eval_images=1, max_consecutive_nonfinite=3)
+    config.loss.perceptual_weight = 0.0
+    calls = {"n": 0}
+    real_global_batch = parallel.global_batch
+
+    def poisoned(local, mesh):  # batches 3, 4, 5, ... hold a NaN
+        calls["n"] += 1
+        if calls["n"] >= 3:
+            local = dict(local, image=np.where(np.arange(local["image"].size).reshape(
+                local["image"].shape) == 0, np.nan, local["image"]).astype(np.float32))
+        return real_global_batch(local, mesh)
+
+    monkeypatch.setattr(parallel, "global_batch", poisoned)
+    with pytest.raises(FloatingPointError, match="stopped at step 5"):
+        T.train_and_evaluate(config, str(tmp_path))
+    with ocp.CheckpointManager(tmp_path / "checkpoints") as manager:
+        assert manager.all_steps() == [2]  # nothing saved during or after the bad streak
+    rows = [json.loads(line) for line in (tmp_path / "scalars.jsonl").read_text().splitlines()]
+    skipped = {r["step"]: r["train/nonfinite_steps"] for r in rows if "train/loss" in r}
+    assert skipped[2] == 0 and skipped[4] == 2
+
+
+def test_unwritable_workdir_fails_before_compiling(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    config = shrink(load_config("demo"))
+    with pytest.raises(ValueError, match="--workdir=.*not writable"):
+        T.train_and_evaluate(config, str(blocker / "run"))
+
+
+def test_max_consecutive_nonfinite_must_be_positive():
+    config = load_config("demo")
+    config.max_consecutive_nonfinite = 0
+    with pytest.raises(ValueError, match="config.max_consecutive_nonfinite"):
+        T.validate_config(config, num_devices=1)
