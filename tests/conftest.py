@@ -1,13 +1,26 @@
 """Shared test helpers: config loading and tiny model shapes."""
 
+import atexit
 import importlib.util
+import os
 import pathlib
+import shutil
+import tempfile
 
 import jax
 import ml_collections
 
 # Eight simulated CPU devices for the sharding tests; single-device tests use jax.devices()[:1].
 jax.config.update("jax_num_cpu_devices", 8)
+
+# One persistent compilation cache for the session, inherited by the `python -m vqgan_jax.main`
+# subprocesses: restarted jobs (resume, preemption tests) load the step they compiled before
+# instead of compiling it again. A hit loads the same executable, so results are unchanged.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="vqgan_jax_test_xla_cache_")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs"
