@@ -12,7 +12,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() first: set it on every host of a "
-    "multi-host TPU pod or GPU cluster (the launch/ scripts do).")
+    "multi-host TPU pod or GPU cluster (the launch/ scripts do); the coordinator, the number of "
+    "processes and this process's index come from the cluster's environment (Cloud TPU "
+    "metadata, SLURM, Open MPI, Kubernetes).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 STAGES = ("tokenizer",)
@@ -26,7 +28,9 @@ def main(argv):
         raise ValueError(f"config.stage={config.stage!r}; known stages: {STAGES}.")
     import jax
     if _DISTRIBUTED.value:
-        jax.distributed.initialize()
+        # CPU processes exchange collectives through gloo (TPU/GPU use their own interconnect).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize()  # finds the cluster: Cloud TPU, SLURM, Open MPI, k8s
     logging.info("JAX %s: %d processes, %d devices (%s)", jax.__version__, jax.process_count(),
                  jax.device_count(), jax.devices()[0].platform)
     from vqgan_jax.trainers import tokenizer
