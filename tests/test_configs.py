@@ -5,6 +5,7 @@ tests/test_transformer.py, which needs a stage-1 workdir.
 """
 
 import functools
+import importlib
 
 import jax
 import numpy as np
@@ -25,6 +26,8 @@ def test_the_configs_we_document_exist_and_every_stage_is_known():
     assert {"demo_transformer", "imagenet_cond_transformer"} <= set(ALL_CONFIGS)
     for name in ALL_CONFIGS:
         assert load_config(name).stage in main.STAGES, name
+    for stage in main.STAGES:  # main runs vqgan_jax.trainers.<stage>.train_and_evaluate
+        assert callable(importlib.import_module(f"vqgan_jax.trainers.{stage}").train_and_evaluate)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
