@@ -36,13 +36,13 @@ VOCAB = {"imagenet_cond_transformer": 16384, "demo_transformer": 1024}  # their 
 
 @pytest.fixture(scope="module")
 def tokenizer_workdir(tmp_path_factory):
-    """A stage-1 workdir holding a tiny f4 tokenizer (16 codes; 4x4 codes a 16x16 image), and a
-    folder of 16x16+ images in two classes next to it.
+    """A stage-1 workdir holding a tiny f2 tokenizer (16 codes; 4x4 codes an 8x8 image), and a
+    folder of small images in two classes next to it.
 
     The checkpoint has the trainer's items (``state``, ``config``) and keys; of the state only
-    ``step`` and the fresh ``g_params`` are written, the part stage 2 reads (building and
-    training the discriminator and optimizers would only cost test time; tests/test_main.py
-    trains the tokenizer end to end).
+    ``step`` and ``g_params`` are written, the part stage 2 reads. The parameters are random
+    normal values of the right shapes: compiling the tokenizer's init (or a training step)
+    costs tens of seconds of CPU, and tests/test_main.py trains the tokenizer end to end.
     """
     root = tmp_path_factory.mktemp("stage1")
     rng = np.random.default_rng(0)
@@ -52,13 +52,14 @@ def tokenizer_workdir(tmp_path_factory):
             Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(
                 root / "images" / label / f"{i}.png")
     config = load_config("demo")
-    config.update(dataset=f"folder:{root / 'images'}", image_size=16)
-    config.model.update(ch=8, ch_mult=(1, 2, 2), attn_resolutions=(), z_channels=8,
+    config.update(dataset=f"folder:{root / 'images'}", image_size=8)
+    config.model.update(ch=8, ch_mult=(1, 2), attn_resolutions=(), z_channels=8,
                         embed_dim=4, n_embed=16, norm_groups=8)
     stage1.validate_config(config, num_devices=1)
     vq = stage1.build_models(config)[0]
-    g_params = jax.jit(lambda key: nn.meta.unbox(vq.init(key, jnp.zeros((1, 16, 16, 3)))["params"]))(
-        jax.random.key(0))
+    abstract = jax.eval_shape(lambda: nn.meta.unbox(vq.init(jax.random.key(0),
+                                                            jnp.zeros((1, 8, 8, 3)))["params"]))
+    g_params = jax.tree.map(lambda a: rng.normal(0, 0.3, a.shape).astype(np.float32), abstract)
     state = dict(step=jnp.ones((), jnp.int32), g_params=g_params)
     manager = loop.checkpoint_manager(str(root / "run"), max_to_keep=1,
                                       item_names=("state", "data", "config"))
@@ -94,7 +95,7 @@ def absl_logs():
 
 def tiny(config: ml_collections.ConfigDict, tokenizer_workdir: str) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict(config.to_dict())
-    config.update(tokenizer_workdir=tokenizer_workdir, image_size=16, batch_size=8,
+    config.update(tokenizer_workdir=tokenizer_workdir, image_size=8, batch_size=8,
                   dataset=f"folder:{os.path.dirname(tokenizer_workdir)}/images", num_classes=2,
                   dtype="float32")
     config.model.update(TINY_GPT)
@@ -143,13 +144,13 @@ def test_loss_covers_the_image_codes_only():
 def test_image_conditioning_prefixes_the_cond_stage_codes(tokenizer_workdir):
     config = tiny(load_config("demo_transformer"), tokenizer_workdir)
     config.update(conditioning="image", cond_tokenizer_workdir=tokenizer_workdir,
-                  cond_image_size=8, pkeep=0.5)
+                  cond_image_size=4, pkeep=0.5)
     config.model.block_size = 4 + 16 - 1  # a 2x2 condition grid, then 4x4 codes
     T.validate_config(config, num_devices=8)
     sc = T.build_step_config(config)
     mesh = parallel.create_mesh()
     frozen, _ = T.load_frozen(config, sc, mesh)
-    images = np.random.default_rng(0).uniform(-1, 1, (8, 16, 16, 3)).astype(np.float32)
+    images = np.random.default_rng(0).uniform(-1, 1, (8, 8, 8, 3)).astype(np.float32)
     batch = {"image": jnp.asarray(images), "label": jnp.zeros(8, jnp.int32)}
     prefix, codes = jax.jit(functools.partial(T.prefix_and_codes, sc=sc, rng=None))(batch, frozen)
     assert prefix.shape == (8, 4) and codes.shape == (8, 16)
@@ -168,7 +169,7 @@ def test_image_conditioning_prefixes_the_cond_stage_codes(tokenizer_workdir):
     (dict(batch_size=6), "not divisible by the 4 devices"),
     (dict(conditioning="text"), "config.conditioning"),
     (dict(pkeep=0.0), "config.pkeep"),
-    (dict(image_size=18), "not divisible by the tokenizer's downsampling factor 4"),
+    (dict(image_size=9), "not divisible by the tokenizer's downsampling factor 2"),
 ])
 def test_bad_config_fails_naming_the_field(update, message, tokenizer_workdir, tmp_path):
     config = tiny(load_config("demo_transformer"), tokenizer_workdir)
@@ -189,10 +190,11 @@ def test_train_resume_and_sample_cli(tokenizer_workdir, tmp_path):
     assert abs(metrics["loss"] - math.log(16)) < 0.5
     np.testing.assert_allclose(metrics["bits_per_code"], metrics["loss"] / math.log(2), rtol=1e-5)
     assert metrics["codes_per_s"] > 0 and 0 <= metrics["accuracy"] <= 1
-    assert Image.open(workdir / "samples.png").size == (2 * 16 + 2, 2 * 16 + 2)  # 2 classes x 2
+    assert Image.open(workdir / "samples.png").size == (2 * 8 + 2, 2 * 8 + 2)  # 2 classes x 2
     assert list(workdir.glob("events.out.tfevents.*"))
 
     config.num_train_steps = 3
+    config.sample.num_per_row = 0  # samples.png was checked above
     with absl_logs() as logs:
         T.train_and_evaluate(config, str(workdir))
     assert "Resumed from" in logs.text and "from step 2 to 3" in logs.text
@@ -207,8 +209,8 @@ def test_train_resume_and_sample_cli(tokenizer_workdir, tmp_path):
          "--height=6", "--width=5", "--seed=1", f"--out={out}"],
         env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    # 2 rows (classes) x 3 samples of 6x5 codes = 24x20 pixels, 2-pixel gaps.
-    assert Image.open(out).size == (3 * 20 + 2 * 2, 2 * 24 + 2)
+    # 2 rows (classes) x 3 samples of 6x5 codes = 12x10 pixels, 2-pixel gaps.
+    assert Image.open(out).size == (3 * 10 + 2 * 2, 2 * 12 + 2)
 
     with pytest.raises(ValueError, match=r"--class_ids=\[5\]"):
         T.sample_to_png(str(workdir), str(tmp_path / "x.png"), class_ids=[5], num=1)

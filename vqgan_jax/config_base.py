@@ -100,7 +100,7 @@ def transformer_config() -> ml_collections.ConfigDict:
     # Device mesh: data x fsdp = number of devices; -1 takes what the other axis leaves.
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
 
-    # Samples written to workdir/samples.png at the end (a row per class).
+    # Samples written to workdir/samples.png at the end (a row per class; num_per_row=0: none).
     c.sample = ml_collections.ConfigDict(dict(
         num_per_row=8, max_rows=8, top_k=600, top_p=0.92, temperature=1.0, guidance_scale=1.0))
 

@@ -443,10 +443,11 @@ def load_for_sampling(workdir: str, mesh=None) -> tuple[Any, dict, StepConfig, m
 
 
 def _sample_grid(params, frozen, sc, config, rng) -> np.ndarray:
-    """The end-of-training picture: a row per class (up to config.sample.max_rows)."""
+    """The end-of-training picture: a row per class (up to config.sample.max_rows); None in
+    image mode or with ``config.sample.num_per_row=0``."""
     s = config.sample
     cond = sc.conditioning
-    if cond.kind == "image":
+    if cond.kind == "image" or s.num_per_row == 0:
         return None
     rows = min(s.max_rows, cond.num_classes) if cond.kind == "class" else 1
     prefix = (class_rows(cond, list(range(rows)), s.num_per_row) if cond.kind == "class"
