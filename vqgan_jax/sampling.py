@@ -99,7 +99,8 @@ def sample(params: Any, prefix: jax.Array, rng: jax.Array, *, gpt: GPT, num_code
       rng: a ``jax.random.key``; the same key gives the same codes.
       gpt: the model (static). Needs ``block_size >= P + num_codes - 1``.
       num_codes: codes to sample (h * w of the grid).
-      top_k, top_p, temperature: see :func:`filter_logits`.
+      top_k, top_p, temperature: see :func:`filter_logits` (top_k and top_p are static: each
+        value compiles once; temperature is traced).
       null_prefix: int32[B, P], the unconditional prefix (null class) for classifier-free
         guidance; None disables guidance.
       guidance_scale: s in ``u + s * (c - u)`` (Ho & Salimans 2021); 1 gives the conditional
