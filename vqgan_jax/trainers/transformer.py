@@ -414,7 +414,9 @@ def class_rows(conditioning: Conditioning, class_ids: list[int], num: int) -> ja
             raise ValueError("--class_ids was given but the model is unconditional.")
         return conditioning.sos_prefix(num)
     if conditioning.kind != "class":
-        raise ValueError("This model is image-conditional: pass a condition image (--cond_image).")
+        raise ValueError("This model is image-conditional: the sample command line does not "
+                         "take condition images; encode one with the cond-stage tokenizer, build "
+                         "the prefix with Conditioning.image_prefix and call sample_images.")
     bad = [c for c in class_ids if not 0 <= c < conditioning.num_classes]
     if bad or not class_ids:
         raise ValueError(f"--class_ids={class_ids}: give class ids in [0, "
