@@ -1,6 +1,11 @@
-"""Every config file loads, has the fields users override, and trains one real step at tiny size."""
+"""Every config file loads, has the fields users override, and trains one real step at tiny size.
+
+Stage-1 (tokenizer) configs are tested here; stage-2 (transformer) configs in
+tests/test_transformer.py, which needs a stage-1 workdir.
+"""
 
 import functools
+import importlib
 
 import jax
 import numpy as np
@@ -12,11 +17,17 @@ from vqgan_jax.models.lpips import load_lpips_params
 from vqgan_jax.trainers import loop
 from vqgan_jax.trainers import tokenizer as T
 
-CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.py"))
+ALL_CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.py"))
+CONFIGS = [n for n in ALL_CONFIGS if load_config(n).stage == "tokenizer"]
 
 
-def test_the_configs_we_document_exist():
+def test_the_configs_we_document_exist_and_every_stage_is_known():
     assert {"demo", "imagenet_f16", "imagenet_f16_16384"} <= set(CONFIGS)
+    assert {"demo_transformer", "imagenet_cond_transformer"} <= set(ALL_CONFIGS)
+    for name in ALL_CONFIGS:
+        assert load_config(name).stage in main.STAGES, name
+    for stage in main.STAGES:  # main runs vqgan_jax.trainers.<stage>.train_and_evaluate
+        assert callable(importlib.import_module(f"vqgan_jax.trainers.{stage}").train_and_evaluate)
 
 
 @pytest.mark.parametrize("name", CONFIGS)

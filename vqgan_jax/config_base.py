@@ -1,4 +1,5 @@
-"""Default config fields for every stage-1 (tokenizer) recipe in configs/; recipes override what differs.
+"""Default config fields for every recipe in configs/ (stage 1: tokenizer_config, stage 2:
+transformer_config); recipes override what differs.
 
 Every field is read by some code; comments give units and meaning.
 """
@@ -58,4 +59,56 @@ def tokenizer_config() -> ml_collections.ConfigDict:
     # Steps whose loss or gradients are NaN/Inf are skipped (no update); this many in a row
     # stop the run with an error, leaving the last good checkpoint as it was.
     c.max_consecutive_nonfinite = 20
+    return c
+
+
+def transformer_config() -> ml_collections.ConfigDict:
+    """Stage 2: a GPT over a frozen tokenizer's codes (Esser et al. 2021, sec. 3.2; taming's
+    Net2NetTransformer), class-conditional ImageNet by default."""
+    c = ml_collections.ConfigDict()
+    c.stage = "transformer"             # which trainer main runs
+    c.seed = 0                          # parameter init, data order, dropout, pkeep, class drop
+
+    # The frozen stage-1 tokenizer: a workdir written by `python -m vqgan_jax.main` with a
+    # tokenizer config (its latest checkpoint's generator parameters and config are read).
+    c.tokenizer_workdir = ""
+
+    # Data: images are cropped as in stage 1, then encoded to codes on the fly.
+    c.dataset = "imagenet2012"          # tfds name | "folder:/path" | "demo" (bundled photos)
+    c.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir (None: default)
+    c.train_split = "train"
+    c.image_size = 256                  # crop side in pixels; code grid = image_size / f
+    c.crop_mode = "random_resized"      # random_resized | random (see config_base.tokenizer_config)
+    c.min_crop_scale = 0.5              # random_resized: crop side / short side in [s, 1]
+    c.batch_size = 8                    # global batch (all processes and devices together)
+    c.num_train_steps = 500_000
+
+    # Conditioning (taming's cond stage): the tokens before the image codes.
+    c.conditioning = "class"            # unconditional (start token) | class | image
+    c.num_classes = 1000                # class: class ids in [0, num_classes); one more is null
+    c.class_drop_prob = 0.1             # class: chance a label becomes the null class (CFG)
+    c.cond_tokenizer_workdir = ""       # image: stage-1 workdir of the cond-stage tokenizer
+    c.cond_image_size = 64              # image: the crop, resized to this side, is the condition
+    c.pkeep = 1.0                       # chance an input code is kept (else a random code)
+
+    # GPT (models.gpt.GPT fields; vocab_size and n_cond_tokens come from the tokenizers).
+    c.model = ml_collections.ConfigDict(dict(
+        block_size=256, n_layer=24, n_head=16, n_embd=1024, dropout=0.0))
+    c.dtype = "float32"                 # compute dtype: float32 | bfloat16 (params stay float32)
+
+    # AdamW (minGPT: weight decay on Dense kernels only); lr = base_learning_rate * batch_size.
+    c.optimizer = ml_collections.ConfigDict(dict(
+        base_learning_rate=4.5e-6, b1=0.9, b2=0.95, weight_decay=0.01))
+
+    # Device mesh: data x fsdp = number of devices; -1 takes what the other axis leaves.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+
+    # Samples written to workdir/samples.png at the end (a row per class; num_per_row=0: none).
+    c.sample = ml_collections.ConfigDict(dict(
+        num_per_row=8, max_rows=8, top_k=600, top_p=0.92, temperature=1.0, guidance_scale=1.0))
+
+    # Logging and checkpoints (in steps).
+    c.log_every_steps = 100
+    c.checkpoint_every_steps = 5_000
+    c.max_checkpoints_to_keep = 3
     return c

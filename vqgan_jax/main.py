@@ -1,5 +1,7 @@
 """Train a model: ``python -m vqgan_jax.main --config=configs/imagenet_f16.py --workdir=DIR``.
 
+``config.stage`` picks the trainer: ``tokenizer`` (stage 1) or ``transformer`` (stage 2).
+
 Any config field can be overridden on the command line, e.g. ``--config.num_train_steps=100``
 or ``--config.dataset=folder:/path/to/images``. Re-running with the same --workdir resumes.
 """
@@ -17,7 +19,7 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "metadata, SLURM, Open MPI, Kubernetes).")
 flags.mark_flags_as_required(["config", "workdir"])
 
-STAGES = ("tokenizer",)
+STAGES = ("tokenizer", "transformer")  # modules of vqgan_jax.trainers
 
 
 def main(argv):
@@ -33,8 +35,9 @@ def main(argv):
         jax.distributed.initialize()  # finds the cluster: Cloud TPU, SLURM, Open MPI, k8s
     logging.info("JAX %s: %d processes, %d devices (%s)", jax.__version__, jax.process_count(),
                  jax.device_count(), jax.devices()[0].platform)
-    from vqgan_jax.trainers import tokenizer
-    tokenizer.train_and_evaluate(config, _WORKDIR.value)
+    import importlib
+    trainer = importlib.import_module(f"vqgan_jax.trainers.{config.stage}")
+    trainer.train_and_evaluate(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":

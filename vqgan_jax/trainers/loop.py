@@ -205,3 +205,59 @@ def write_png(path: str, image) -> None:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     epath.Path(path).write_bytes(buffer.getvalue())
+
+
+def latest_step(workdir: str, field: str) -> int:
+    """The latest checkpoint step in ``workdir/checkpoints``.
+
+    Raises:
+      ValueError: naming ``field`` (the config field or flag that gave ``workdir``) when there
+        is no checkpoint there, and what to run to make one.
+    """
+    directory = epath.Path(workdir) / "checkpoints"
+    steps = ocp.utils.checkpoint_steps(directory) if directory.exists() else []
+    if not steps:
+        raise ValueError(
+            f"{field}={workdir!r} holds no checkpoint ({directory} has no step folder); train "
+            "that stage first, e.g. `make demo` for runs/demo or `python -m vqgan_jax.main "
+            f"--config=configs/<recipe>.py --workdir={workdir}`.")
+    return max(steps)
+
+
+def read_config(workdir: str, field: str):
+    """The ml_collections config saved with the latest checkpoint of ``workdir``.
+
+    JSON lists come back as tuples, as the recipes write them (modules need hashable fields).
+
+    Raises:
+      ValueError: as :func:`latest_step`.
+    """
+    import ml_collections
+    step = latest_step(workdir, field)
+    path = epath.Path(workdir) / "checkpoints" / str(step) / "config" / "metadata"
+    as_tuples = lambda x: tuple(x) if isinstance(x, list) else x
+    return ml_collections.ConfigDict(json.loads(path.read_text(), object_hook=lambda d: {
+        k: as_tuples(v) for k, v in d.items()}))
+
+
+def restore_subtree(workdir: str, field: str, name: str, abstract: Any) -> Any:
+    """Restore only ``state.<name>`` of the latest checkpoint in ``workdir``, onto the shardings
+    that ``abstract`` (ShapeDtypeStructs, see :func:`abstract_like`) carries.
+
+    The rest of the saved state (optimizer states, a discriminator) is never read.
+
+    Raises:
+      ValueError: as :func:`latest_step`.
+    """
+    step = latest_step(workdir, field)
+    path = epath.Path(workdir) / "checkpoints" / str(step) / "state"
+    restore_args = ocp.checkpoint_utils.construct_restore_args({name: abstract})
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+            item={name: abstract}, restore_args=restore_args, partial_restore=True))
+    return restored[name]
+
+
+def absolute(workdir: str) -> str:
+    """``workdir`` as an absolute path (orbax needs one); URLs (gs://...) unchanged."""
+    return workdir if "://" in workdir else os.path.abspath(workdir)

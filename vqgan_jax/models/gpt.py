@@ -1,0 +1,169 @@
+"""The stage-2 transformer over code indices (Esser et al. 2021, sec. 3.2; minGPT).
+
+A decoder-only GPT: token and learned position embeddings, ``n_layer`` pre-LayerNorm blocks of
+causal multi-head self-attention and a 4x GELU MLP, a final LayerNorm and a linear head over
+the ``vocab_size`` codes. The input vocabulary is the codes followed by ``n_cond_tokens``
+conditioning tokens (start token, class ids, the null class, condition codes: see
+``trainers/transformer.py``); the head predicts codes only.
+
+Decoding uses a KV cache of fixed shape ``[B, n_head, block_size, head_dim]`` per layer: a call
+with ``cache`` writes the keys and values of its ``T`` tokens at positions
+``pos .. pos+T-1`` and attends to every cached position ``<=`` each query's own, so a prefix
+can be written in one call and then one token a call (see :mod:`vqgan_jax.sampling`).
+
+Every parameter carries logical axis names (``embed``, ``heads``, ``mlp``, ``vocab``; position
+tables have ``None`` on their position axis) through ``nn.with_logical_partitioning``.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Cache = list[tuple[jax.Array, jax.Array]]  # per layer (k, v): [B, n_head, block_size, head_dim]
+
+_INIT = nn.initializers.normal(stddev=0.02)  # minGPT's init for linear and embedding weights
+
+
+def _dense(features: int, axes: tuple[str, str], dtype: Dtype, name: str) -> nn.Dense:
+    return nn.Dense(features, dtype=dtype, name=name,
+                    kernel_init=nn.with_logical_partitioning(_INIT, axes),
+                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)))
+
+
+def _layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=1e-5, dtype=dtype, name=name,
+                        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention, with an optional fixed-size KV cache.
+
+    ``x: [B, T, n_embd]``; with ``cache`` (``k, v: [B, n_head, block_size, head_dim]``) the
+    tokens sit at positions ``pos .. pos+T-1`` and the updated cache is returned, else they sit
+    at ``0 .. T-1`` and ``None`` is returned. Softmax runs in float32.
+    """
+    n_head: int
+    block_size: int
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cache: tuple[jax.Array, jax.Array] | None = None,
+                 pos: jax.Array | int = 0, train: bool = False):
+        b, t, c = x.shape
+        hd = c // self.n_head
+        qkv = _dense(3 * c, ("embed", "heads"), self.dtype, "c_attn")(x)
+        q, k, v = jnp.split(qkv.reshape(b, t, 3, self.n_head, hd).transpose(2, 0, 3, 1, 4), 3)
+        q, k, v = q[0], k[0], v[0]  # (B, n_head, T, hd)
+        q_pos = pos + jnp.arange(t)
+        if cache is None:
+            k_pos = jnp.arange(t)
+            new_cache = None
+        else:
+            k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, 0, pos, 0))
+            v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, 0, pos, 0))
+            k_pos = jnp.arange(self.block_size)
+            new_cache = (k, v)
+        att = jnp.einsum("bhqd,bhkd->bhqk", q, k.astype(q.dtype)).astype(jnp.float32)
+        att = att / jnp.sqrt(jnp.float32(hd))
+        att = jnp.where(k_pos[None, :] <= q_pos[:, None], att, -jnp.inf)  # causal (and unwritten)
+        att = jax.nn.softmax(att, axis=-1)
+        att = nn.Dropout(self.dropout)(att, deterministic=not train).astype(self.dtype)
+        y = jnp.einsum("bhqk,bhkd->bhqd", att, v.astype(self.dtype))
+        y = y.transpose(0, 2, 1, 3).reshape(b, t, c)
+        y = _dense(c, ("heads", "embed"), self.dtype, "c_proj")(y)
+        return nn.Dropout(self.dropout)(y, deterministic=not train), new_cache
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``."""
+    n_head: int
+    block_size: int
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, cache=None, pos=0, train: bool = False):
+        c = x.shape[-1]
+        y, new_cache = CausalSelfAttention(self.n_head, self.block_size, self.dropout, self.dtype,
+                                           name="attn")(_layer_norm(self.dtype, "ln_1")(x),
+                                                        cache, pos, train)
+        x = x + y
+        h = _dense(4 * c, ("embed", "mlp"), self.dtype, "c_fc")(_layer_norm(self.dtype, "ln_2")(x))
+        h = _dense(c, ("mlp", "embed"), self.dtype, "mlp_proj")(nn.gelu(h, approximate=False))
+        return x + nn.Dropout(self.dropout)(h, deterministic=not train), new_cache
+
+
+class GPT(nn.Module):
+    """minGPT over code indices (Esser et al. 2021, sec. 3.2; taming's ``GPT``).
+
+    Attributes:
+      vocab_size: number of codes: the head's outputs, and input tokens ``[0, vocab_size)``.
+      n_cond_tokens: extra input-only tokens ``[vocab_size, vocab_size + n_cond_tokens)``
+        (start token, class ids, null class, condition codes); never predicted.
+      block_size: most tokens one sequence can hold (position embeddings, KV cache length).
+      n_layer, n_head, n_embd: depth, attention heads, width (``n_embd % n_head == 0``).
+      dropout: dropout on embeddings, attention weights and residual branches (training only).
+      dtype: compute dtype (bfloat16 on accelerators); parameters are float32.
+    """
+    vocab_size: int
+    block_size: int
+    n_layer: int = 12
+    n_head: int = 8
+    n_embd: int = 256
+    n_cond_tokens: int = 0
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        self.wte = nn.Embed(self.vocab_size + self.n_cond_tokens, self.n_embd, dtype=self.dtype,
+                            embedding_init=nn.with_logical_partitioning(_INIT, ("vocab", "embed")))
+        self.wpe = self.param("wpe", nn.with_logical_partitioning(_INIT, (None, "embed")),
+                              (self.block_size, self.n_embd))
+        self.drop = nn.Dropout(self.dropout)
+        self.blocks = [Block(self.n_head, self.block_size, self.dropout, self.dtype,
+                             name=f"h_{i}") for i in range(self.n_layer)]
+        self.ln_f = _layer_norm(self.dtype, "ln_f")
+        self.head = nn.Dense(self.vocab_size, use_bias=False, dtype=self.dtype,
+                             kernel_init=nn.with_logical_partitioning(_INIT, ("embed", "vocab")))
+
+    def __call__(self, tokens: jax.Array, cache: Cache | None = None, pos: jax.Array | int = 0,
+                 train: bool = False) -> tuple[jax.Array, Cache | None]:
+        """Next-code logits for every position.
+
+        Args:
+          tokens: int32[B, T] in ``[0, vocab_size + n_cond_tokens)``, ``pos + T <= block_size``.
+          cache: from :meth:`init_cache` (or a previous call), or None for no cache.
+          pos: position of ``tokens[:, 0]`` (int or int32 scalar, traced is fine); must be 0
+            without a cache.
+          train: enables dropout (needs a ``dropout`` rng).
+
+        Returns:
+          ``(logits, cache)``: float32[B, T, vocab_size], logits[:, i] predicting the code that
+          follows ``tokens[:, i]``; and the updated cache (None without one).
+        """
+        t = tokens.shape[1]
+        if t > self.block_size:
+            raise ValueError(f"{t} tokens exceed block_size={self.block_size}.")
+        wpe = jax.lax.dynamic_slice_in_dim(jnp.asarray(self.wpe), pos, t, axis=0)
+        x = self.wte(tokens) + wpe.astype(self.dtype)[None]
+        x = self.drop(x, deterministic=not train)
+        new_cache = []
+        for i, block in enumerate(self.blocks):
+            x, layer_cache = block(x, None if cache is None else cache[i], pos, train)
+            new_cache.append(layer_cache)
+        logits = self.head(self.ln_f(x)).astype(jnp.float32)
+        return logits, (None if cache is None else new_cache)
+
+    def init_cache(self, batch_size: int) -> Cache:
+        """Zeroed KV cache: ``n_layer`` pairs of ``dtype[batch_size, n_head, block_size, head_dim]``.
+
+        Needs no parameters: call as ``gpt.init_cache(B)`` on the unbound module.
+        """
+        shape = (batch_size, self.n_head, self.block_size, self.n_embd // self.n_head)
+        return [(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
+                for _ in range(self.n_layer)]
