@@ -53,16 +53,17 @@ def test_quantize_to_uint8_levels():
     np.testing.assert_allclose(q, u8 / 127.5 - 1, atol=1e-7)
 
 
-def _reference_frechet(mu1, s1, mu2, s2):
-    """||mu1-mu2||^2 + tr s1 + tr s2 - 2 tr (s1^1/2 s2 s1^1/2)^1/2, by symmetric eigh."""
-    w, v = scipy.linalg.eigh(s1)
-    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    inner = scipy.linalg.eigvalsh(root1 @ s2 @ root1)
-    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2)
-                 - 2 * np.sum(np.sqrt(np.clip(inner, 0, None))))
+def _pytorch_fid_frechet(mu1, s1, mu2, s2, eps=1e-6):
+    """pytorch-fid's calculate_frechet_distance: scipy.linalg.sqrtm of sigma1 @ sigma2."""
+    covmean = scipy.linalg.sqrtm(s1 @ s2)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(s1.shape[0]) * eps
+        covmean = scipy.linalg.sqrtm((s1 + offset) @ (s2 + offset))
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean.real))
 
 
-def test_frechet_distance_matches_float64_reference():
+def test_frechet_distance_matches_float64_sqrtm_reference():
     rng = np.random.default_rng(0)
     d = 32
     a = rng.standard_normal((500, d)) @ rng.standard_normal((d, d)) * 0.3
@@ -70,16 +71,23 @@ def test_frechet_distance_matches_float64_reference():
     mu1, s1 = a.mean(0), np.cov(a, rowvar=False)
     mu2, s2 = b.mean(0), np.cov(b, rowvar=False)
     fid = metrics.frechet_distance(mu1, s1, mu2, s2)
-    np.testing.assert_allclose(fid, _reference_frechet(mu1, s1, mu2, s2), rtol=1e-8)
+    np.testing.assert_allclose(fid, _pytorch_fid_frechet(mu1, s1, mu2, s2), rtol=1e-9)
     assert fid > 1
+    # Closed form for commuting (diagonal) covariances: sum (sqrt(s1) - sqrt(s2))^2.
+    d1, d2 = rng.uniform(0.1, 2, d), rng.uniform(0.1, 2, d)
+    np.testing.assert_allclose(metrics.frechet_distance(mu1, np.diag(d1), mu1, np.diag(d2)),
+                               np.sum((np.sqrt(d1) - np.sqrt(d2)) ** 2), rtol=1e-10)
     # float32 inputs are computed in float64 all the same.
     np.testing.assert_allclose(metrics.frechet_distance(*(np.float32(t) for t in (mu1, s1, mu2, s2))),
-                               _reference_frechet(mu1, s1, mu2, s2), rtol=1e-4)
+                               fid, rtol=1e-4)
     assert abs(metrics.frechet_distance(mu1, s1, mu1, s1)) < 1e-8
-    # Singular covariances (fewer samples than dimensions) stay finite.
-    few = a[:5]
-    assert abs(metrics.frechet_distance(few.mean(0), np.cov(few, rowvar=False),
-                                        few.mean(0), np.cov(few, rowvar=False))) < 1e-3
+    # Singular covariances (fewer samples than dimensions): ~0 for identical statistics, and
+    # the same as sqrtm with pytorch-fid's eps fallback.
+    few, other = a[:5], b[:7]
+    sf, so = np.cov(few, rowvar=False), np.cov(other, rowvar=False)
+    assert abs(metrics.frechet_distance(few.mean(0), sf, few.mean(0), sf)) < 1e-8
+    np.testing.assert_allclose(metrics.frechet_distance(few.mean(0), sf, other.mean(0), so),
+                               _pytorch_fid_frechet(few.mean(0), sf, other.mean(0), so), rtol=1e-4)
     with pytest.raises(ValueError, match="do not match"):
         metrics.frechet_distance(mu1, s1, mu2[:-1], s2[:-1, :-1])
 
@@ -151,3 +159,14 @@ def test_stats_round_trip_and_errors(tmp_path):
     with pytest.raises(ValueError, match="--ref_stats=.*'sigma'"):
         metrics.load_stats(str(tmp_path / "bad.npz"))
     json.dumps(protocol)
+
+
+def test_moments_stay_accurate_with_a_large_mean():
+    """Features far from zero: float32 sums of squares would lose the variance; Chan's merge does not."""
+    rng = np.random.default_rng(5)
+    feats = (1000.0 + 0.01 * rng.standard_normal((64, 4))).astype(np.float32)
+    stats = metrics.FeatureStats(dim=4)
+    for i in range(0, 64, 8):
+        stats.add_moments(*jax.device_get(metrics.feature_moments(feats[i:i + 8], np.ones(8, bool))))
+    np.testing.assert_allclose(stats.sigma, np.cov(feats.astype(np.float64), rowvar=False),
+                               rtol=1e-2, atol=1e-7)

@@ -9,7 +9,7 @@ Per-image metrics (jittable, float32[B] out) take images ``float[B, H, W, 3]`` i
 
 Distribution metrics run on the host in float64:
 
-* :func:`frechet_distance` (Heusel et al. 2017, eq. 6, matrix square root by scipy) between
+* :func:`frechet_distance` (Heusel et al. 2017, eq. 6, matrix square root by scipy's eigh) between
   Gaussian statistics of Inception-v3 pool features: FID, and rFID when the two sets are
   originals and their reconstructions;
 * :func:`inception_score_from_probs` (Salimans et al. 2016, sec. 4).
@@ -140,25 +140,29 @@ def perplexity(counts: np.ndarray) -> float:
 
 # ----------------------------------------------------------------------------- FID and IS
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6) -> float:
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
+                     ) -> float:
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (Heusel et al. 2017, eq. 6).
 
-    ``||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))`` in float64, the matrix
-    square root by ``scipy.linalg.sqrtm``, as the reference implementation (TTUR / pytorch-fid)
-    computes it: if the square root is not finite, ``eps * I`` is added to both covariances;
-    a complex result with negligible imaginary diagonal is taken as real.
+    ``||mu1 - mu2||^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2))`` in float64.
+    The trace of the matrix square root is computed from symmetric eigendecompositions
+    (``scipy.linalg.eigh``): with ``R = sigma1^(1/2)``, ``sigma1 sigma2`` is similar to the
+    positive semi-definite ``R sigma2 R``, so ``tr((sigma1 sigma2)^(1/2))`` is the sum of the
+    square roots of its eigenvalues. This is the quantity the reference implementations
+    (TTUR, pytorch-fid) get from ``scipy.linalg.sqrtm(sigma1 @ sigma2)``, without its complex
+    Schur form: 4x faster at D = 2048 on a CPU (13 s vs 55 s measured on 2 cores), always real,
+    and exact for singular covariances (fewer images than dimensions), where sqrtm needs an
+    ``eps * I`` offset. tests/test_metrics.py checks it against the sqrtm formula.
 
     Args:
       mu1, mu2: float[D] means.
       sigma1, sigma2: float[D, D] covariances (symmetric positive semi-definite).
-      eps: the diagonal offset for singular products.
 
     Returns:
       The distance (>= 0 up to rounding; 0 for identical statistics), a Python float.
 
     Raises:
-      ValueError: for mismatched shapes, or a square root with a significant imaginary part.
+      ValueError: for mismatched shapes.
     """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
@@ -166,17 +170,18 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
         raise ValueError(f"Statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma "
                          f"{sigma1.shape} vs {sigma2.shape}.")
+    sym = lambda a: (a + a.T) / 2.0
+
+    def nonnegative(w):  # Eigenvalues within rounding of 0 (the null space) count as 0.
+        return np.where(w > np.max(np.abs(w), initial=0.0) * w.size * np.finfo(w.dtype).eps,
+                        w, 0.0)
+
+    w, v = scipy.linalg.eigh(sym(sigma1))
+    root1 = (v * np.sqrt(nonnegative(w))) @ v.T
+    inner = scipy.linalg.eigvalsh(sym(root1 @ sigma2 @ root1))
+    tr_covmean = np.sum(np.sqrt(nonnegative(inner)))
     diff = mu1 - mu2
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"sqrtm(sigma1 sigma2) has imaginary diagonal entries up to "
-                             f"{np.max(np.abs(np.diagonal(covmean).imag)):.3g}.")
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
 
 
 def inception_score_from_probs(probs: np.ndarray, num_splits: int = 10) -> tuple[float, float]:
@@ -212,41 +217,51 @@ def inception_score_from_probs(probs: np.ndarray, num_splits: int = 10) -> tuple
 
 @dataclasses.dataclass
 class FeatureStats:
-    """Running float64 moments of feature vectors; ``mu`` and ``sigma`` for the FID.
+    """Running float64 mean and covariance of feature vectors: ``mu`` and ``sigma`` for FID.
 
-    Add batches with :meth:`add_moments` (sums computed on device by :func:`feature_moments`)
-    or :meth:`add_features`; read ``mu`` (float64[D]) and ``sigma`` (float64[D, D], the
-    unbiased covariance, as ``np.cov(features, rowvar=False)``).
+    Batches arrive as (count, mean, centred scatter matrix) from :func:`feature_moments`
+    (computed on device) or :meth:`add_features`, and are merged with Chan et al.'s pairwise
+    update in float64, so no large sum of squares is ever differenced. ``mu`` is float64[D];
+    ``sigma`` float64[D, D] the unbiased covariance, as ``np.cov(features, rowvar=False)``.
     """
     dim: int = inception.FEATURE_DIM
     count: float = 0.0
-    total: np.ndarray = None
-    gram: np.ndarray = None
+    mean: np.ndarray = None
+    scatter: np.ndarray = None
 
     def __post_init__(self):
-        if self.total is None:
-            self.total = np.zeros(self.dim, np.float64)
-            self.gram = np.zeros((self.dim, self.dim), np.float64)
+        if self.mean is None:
+            self.mean = np.zeros(self.dim, np.float64)
+            self.scatter = np.zeros((self.dim, self.dim), np.float64)
 
-    def add_moments(self, total: np.ndarray, gram: np.ndarray, count: float) -> None:
-        self.total += np.asarray(total, np.float64)
-        self.gram += np.asarray(gram, np.float64)
-        self.count += float(count)
+    def add_moments(self, count: float, mean: np.ndarray, scatter: np.ndarray) -> None:
+        """Merge a batch: ``count`` rows with mean float[D] and scatter sum (f-mean)(f-mean)^T."""
+        count = float(count)
+        if count == 0:
+            return
+        mean, scatter = np.asarray(mean, np.float64), np.asarray(scatter, np.float64)
+        total = self.count + count
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (count / total)
+        self.scatter = self.scatter + scatter + np.outer(delta, delta) * (self.count * count / total)
+        self.count = total
 
     def add_features(self, features: np.ndarray) -> None:
         f = np.asarray(features, np.float64)
-        self.add_moments(f.sum(0), f.T @ f, f.shape[0])
+        mean = f.mean(0)
+        self.add_moments(f.shape[0], mean, (f - mean).T @ (f - mean))
 
     @property
     def mu(self) -> np.ndarray:
-        return self.total / self.count
+        if self.count < 1:
+            raise ValueError("No features were added.")
+        return self.mean
 
     @property
     def sigma(self) -> np.ndarray:
         if self.count < 2:
             raise ValueError("A covariance needs at least 2 images.")
-        mu = self.mu
-        return (self.gram - self.count * np.outer(mu, mu)) / (self.count - 1)
+        return self.scatter / (self.count - 1)
 
 
 def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, num_images: int,
@@ -296,25 +311,30 @@ def load_stats(path: str) -> tuple[np.ndarray, np.ndarray, dict]:
 # ----------------------------------------------------------------------------- Inception runs
 
 def feature_moments(features: Array, mask: Array) -> tuple[Array, Array, Array]:
-    """Masked sum, Gram matrix and count of a batch of features (jittable).
+    """Masked count, mean and centred scatter matrix of a batch of features (jittable).
 
     Args:
       features: float32[B, D].
       mask: bool/float[B], 0 for padding rows.
 
     Returns:
-      ``(sum float32[D], gram float32[D, D], count float32[])``.
+      ``(count float32[], mean float32[D], scatter float32[D, D])`` with
+      ``scatter = sum_b mask_b (f_b - mean)(f_b - mean)^T``: merge batches with
+      :meth:`FeatureStats.add_moments`.
     """
     m = mask.astype(jnp.float32)
-    f = features.astype(jnp.float32) * m[:, None]
-    gram = jnp.einsum("bi,bj->ij", f, f, precision=jax.lax.Precision.HIGHEST)
-    return f.sum(0), gram, m.sum()
+    count = m.sum()
+    f = features.astype(jnp.float32)
+    mean = jnp.sum(f * m[:, None], 0) / jnp.maximum(count, 1.0)
+    centred = (f - mean) * m[:, None]
+    scatter = jnp.einsum("bi,bj->ij", centred, centred, precision=jax.lax.Precision.HIGHEST)
+    return count, mean, scatter
 
 
 def _inception_step(variables: dict, x: Array, mask: Array, dtype: Any) -> dict[str, Array]:
     pool, logits = inception.InceptionV3(dtype=dtype).apply(variables, x)
-    total, gram, count = feature_moments(pool, mask)
-    return dict(sum=total, gram=gram, count=count, probs=jax.nn.softmax(logits, axis=-1))
+    count, mean, scatter = feature_moments(pool, mask)
+    return dict(count=count, mean=mean, scatter=scatter, probs=jax.nn.softmax(logits, axis=-1))
 
 
 @functools.cache
@@ -322,8 +342,8 @@ def jit_inception_step(mesh: Mesh, dtype: Any = jnp.float32):
     """Jitted Inception-v3 step over a global batch on ``mesh``.
 
     ``step(variables, x, mask)`` with ``x: float32[B, H, W, 3]`` in [-1, 1] and ``mask: [B]``
-    split over the mesh returns, replicated: ``sum`` float32[2048], ``gram`` float32[2048,
-    2048], ``count`` (masked pool-feature moments, :func:`feature_moments`) and ``probs``
+    split over the mesh returns, replicated: ``count``, ``mean`` float32[2048] and ``scatter``
+    float32[2048, 2048] (masked pool-feature moments, :func:`feature_moments`) and ``probs``
     float32[B, 1008] (softmax of the logits; padding rows included).
     """
     return jax.jit(functools.partial(_inception_step, dtype=dtype),
@@ -380,7 +400,7 @@ def inception_outputs(images: Iterable[np.ndarray], variables: dict, *, mesh: Me
     for x, mask in padded_batches(images, local):
         batch = parallel.global_batch({"x": x, "mask": mask}, mesh)
         out = jax.device_get(step(variables, batch["x"], batch["mask"]))
-        stats.add_moments(out["sum"], out["gram"], out["count"])
+        stats.add_moments(out["count"], out["mean"], out["scatter"])
         if with_probs:  # single process: the global batch is this process's batch
             probs.append(out["probs"][mask])
     return stats, (np.concatenate(probs) if with_probs else None)

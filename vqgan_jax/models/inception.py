@@ -20,6 +20,7 @@ the ``.pth`` state_dict itself (needs PyTorch) or an ``.npz`` with the same keys
     pool, logits = InceptionV3().apply(variables, images)   # images float32[B, H, W, 3] in [-1, 1]
 """
 
+import functools
 import os
 from typing import Any
 
@@ -239,6 +240,7 @@ class InceptionV3(nn.Module):
 
 # ----------------------------------------------------------------------------- weights
 
+@functools.cache
 def abstract_variables() -> dict:
     """Shapes and dtypes of :class:`InceptionV3`'s variables (nothing is computed)."""
     x = jax.ShapeDtypeStruct((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32)
