@@ -135,3 +135,76 @@ def test_pth_state_dict_loads_like_the_npz(variables, tmp_path):
     torch.save({"fc.weight": Payload()}, tmp_path / "evil.pth")
     with pytest.raises(ValueError, match="--inception_weights=.*weights_only=True"):
         inception.load_inception_params(str(tmp_path / "evil.pth"))
+
+
+def _torch_fid_inception(sd, x):
+    """pytorch-fid's FIDInceptionV3 forward written with torch.nn.functional on a state_dict:
+    torch's own conv layouts, eval-mode BatchNorm, F.interpolate and count_include_pad=False."""
+    import torch
+    import torch.nn.functional as F
+
+    def conv(name, x, stride=1, padding=0):
+        x = F.conv2d(x, sd[f"{name}.conv.weight"], stride=stride, padding=padding)
+        x = F.batch_norm(x, sd[f"{name}.bn.running_mean"], sd[f"{name}.bn.running_var"],
+                         sd[f"{name}.bn.weight"], sd[f"{name}.bn.bias"], training=False, eps=1e-3)
+        return F.relu(x)
+
+    avg = lambda x: F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+    cat = lambda *xs: torch.cat(xs, 1)
+
+    def block_a(n, x):
+        b5 = conv(f"{n}.branch5x5_2", conv(f"{n}.branch5x5_1", x), padding=2)
+        bd = conv(f"{n}.branch3x3dbl_1", x)
+        bd = conv(f"{n}.branch3x3dbl_3", conv(f"{n}.branch3x3dbl_2", bd, padding=1), padding=1)
+        return cat(conv(f"{n}.branch1x1", x), b5, bd, conv(f"{n}.branch_pool", avg(x)))
+
+    def block_c(n, x):
+        b7 = conv(f"{n}.branch7x7_2", conv(f"{n}.branch7x7_1", x), padding=(0, 3))
+        b7 = conv(f"{n}.branch7x7_3", b7, padding=(3, 0))
+        bd = conv(f"{n}.branch7x7dbl_1", x)
+        for i, p in ((2, (3, 0)), (3, (0, 3)), (4, (3, 0)), (5, (0, 3))):
+            bd = conv(f"{n}.branch7x7dbl_{i}", bd, padding=p)
+        return cat(conv(f"{n}.branch1x1", x), b7, bd, conv(f"{n}.branch_pool", avg(x)))
+
+    def block_e(n, x, pool):
+        b3 = conv(f"{n}.branch3x3_1", x)
+        b3 = cat(conv(f"{n}.branch3x3_2a", b3, padding=(0, 1)),
+                 conv(f"{n}.branch3x3_2b", b3, padding=(1, 0)))
+        bd = conv(f"{n}.branch3x3dbl_2", conv(f"{n}.branch3x3dbl_1", x), padding=1)
+        bd = cat(conv(f"{n}.branch3x3dbl_3a", bd, padding=(0, 1)),
+                 conv(f"{n}.branch3x3dbl_3b", bd, padding=(1, 0)))
+        pooled = avg(x) if pool == "avg" else F.max_pool2d(x, 3, 1, 1)
+        return cat(conv(f"{n}.branch1x1", x), b3, bd, conv(f"{n}.branch_pool", pooled))
+
+    x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+    x = conv("Conv2d_2b_3x3", conv("Conv2d_2a_3x3", conv("Conv2d_1a_3x3", x, 2)), padding=1)
+    x = F.max_pool2d(conv("Conv2d_4a_3x3", conv("Conv2d_3b_1x1", F.max_pool2d(x, 3, 2))), 3, 2)
+    for n in ("Mixed_5b", "Mixed_5c", "Mixed_5d"):
+        x = block_a(n, x)
+    bd = conv("Mixed_6a.branch3x3dbl_2", conv("Mixed_6a.branch3x3dbl_1", x), padding=1)
+    x = cat(conv("Mixed_6a.branch3x3", x, 2), conv("Mixed_6a.branch3x3dbl_3", bd, 2),
+            F.max_pool2d(x, 3, 2))
+    for n in ("Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e"):
+        x = block_c(n, x)
+    b7 = conv("Mixed_7a.branch7x7x3_2", conv("Mixed_7a.branch7x7x3_1", x), padding=(0, 3))
+    b7 = conv("Mixed_7a.branch7x7x3_4", conv("Mixed_7a.branch7x7x3_3", b7, padding=(3, 0)), 2)
+    x = cat(conv("Mixed_7a.branch3x3_2", conv("Mixed_7a.branch3x3_1", x), 2), b7,
+            F.max_pool2d(x, 3, 2))
+    x = block_e("Mixed_7c", block_e("Mixed_7b", x, "avg"), "max")
+    pool = F.adaptive_avg_pool2d(x, 1).flatten(1)
+    return pool, F.linear(pool, sd["fc.weight"], sd["fc.bias"])
+
+
+def test_matches_a_torch_forward_of_the_same_state_dict(variables, apply_fn):
+    """Layouts, padding, BatchNorm, pooling and the resize agree with PyTorch's operators."""
+    import torch
+
+    sd = {k: torch.from_numpy(v) for k, v in random_state_dict().items()}
+    x = jax.random.uniform(jax.random.key(0), (2, 64, 64, 3), minval=-1, maxval=1)
+    pool, logits = jax.device_get(apply_fn(variables, x))
+    with torch.no_grad():
+        ref_pool, ref_logits = _torch_fid_inception(
+            sd, torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()))
+    scale = np.abs(ref_pool.numpy()).max()
+    np.testing.assert_allclose(pool, ref_pool.numpy(), atol=1e-4 * scale, rtol=1e-4)
+    np.testing.assert_allclose(logits, ref_logits.numpy(), atol=1e-4 * np.abs(ref_logits.numpy()).max())
