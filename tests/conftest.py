@@ -9,6 +9,7 @@ import tempfile
 
 import jax
 import ml_collections
+import numpy as np
 
 # Eight simulated CPU devices for the sharding tests; single-device tests use jax.devices()[:1].
 jax.config.update("jax_num_cpu_devices", 8)
@@ -44,3 +45,23 @@ def shrink(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                         z_channels=8, embed_dim=8, n_embed=64)
     config.disc.update(ndf=8, n_layers=2)
     return config
+
+
+def random_inception_state_dict(seed: int = 0) -> dict[str, np.ndarray]:
+    """FID Inception-v3 weights with pytorch-fid's state_dict keys and layouts, random values
+    that keep activations O(1) through the 94 convolutions (the real file cannot be downloaded
+    in tests)."""
+    from vqgan_jax.models import inception
+
+    rng = np.random.default_rng(seed)
+    shapes = inception.to_state_dict(
+        jax.tree.map(lambda a: np.zeros(a.shape, np.float32), inception.abstract_variables()))
+    out = {}
+    for key, a in shapes.items():
+        if key.endswith(("running_var", "bn.weight")):
+            out[key] = rng.uniform(0.5, 1.5, a.shape)
+        elif a.ndim >= 2:
+            out[key] = rng.standard_normal(a.shape) * np.sqrt(2.0 / np.prod(a.shape[1:]))
+        else:
+            out[key] = 0.1 * rng.standard_normal(a.shape)
+    return {k: v.astype(np.float32) for k, v in out.items()}

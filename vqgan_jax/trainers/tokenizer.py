@@ -29,10 +29,10 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from vqgan_jax import losses, parallel
+from vqgan_jax import metrics as metrics_lib
 from vqgan_jax.data import pipeline, sources
 from vqgan_jax.models.discriminators import NLayerDiscriminator
 from vqgan_jax.models.lpips import load_lpips_params, lpips_fn
-from vqgan_jax.models.quantizers import codebook_stats
 from vqgan_jax.models.vqgan import VQModel
 from vqgan_jax.trainers import loop
 from vqgan_jax.trainers.writers import periodic_actions
@@ -285,36 +285,43 @@ def jit_train_step(sc: StepConfig, mesh, state_shardings, lpips_params):
 
 # ----------------------------------------------------------------------------- evaluation
 
-@functools.partial(jax.jit, static_argnames="vq")
-def reconstruct(g_params: Any, lpips_params: Any, x: jax.Array, vq: VQModel) -> dict[str, jax.Array]:
-    """Reconstruct ``x: float32[B, H, W, 3] in [-1, 1]`` and score it.
+def score_reconstructions(g_params: Any, lpips_params: Any, x: jax.Array, vq: VQModel
+                          ) -> dict[str, jax.Array]:
+    """Reconstruct ``x: float32[B, H, W, 3] in [-1, 1]`` and score it (jittable, pure).
 
-    Returns ``x_hat`` (float32, clipped to [-1, 1]), ``indices`` (int32[B, H/f, W/f]),
-    ``psnr`` (float32[B], dB, on images scaled to [0, 1]) and ``lpips`` (float32[B]).
+    The one definition of the reconstruction metrics: the end-of-training ``metrics.json``
+    (:func:`evaluate`) and ``python -m vqgan_jax.evaluate`` both call it. Reconstructions are
+    clipped and rounded to uint8 levels (:func:`vqgan_jax.metrics.quantize_to_uint8_levels`)
+    before scoring, i.e. scored as the images one would save.
+
+    Returns:
+      ``x_hat`` (float32[B, H, W, 3] in [-1, 1], on uint8 levels), ``indices``
+      (int32[B, H/f, W/f]), and per image (float32[B]): ``psnr`` (dB, images in [0, 1]),
+      ``ssim`` and ``lpips`` (:func:`vqgan_jax.metrics.reconstruction_metrics`).
     """
     x_hat, aux = vq.apply({"params": g_params}, x)
-    x_hat = jnp.clip(x_hat.astype(jnp.float32), -1.0, 1.0)
-    mse = jnp.mean(((x_hat - x) / 2.0) ** 2, axis=(1, 2, 3))
-    psnr = 10.0 * jnp.log10(1.0 / jnp.maximum(mse, 1e-10))
-    return dict(x_hat=x_hat, indices=aux["indices"], psnr=psnr,
-                lpips=lpips_fn(lpips_params, x, x_hat))
+    x_hat = metrics_lib.quantize_to_uint8_levels(x_hat)
+    return dict(x_hat=x_hat, indices=aux["indices"],
+                **metrics_lib.reconstruction_metrics(lpips_params, x, x_hat))
+
+
+reconstruct = jax.jit(score_reconstructions, static_argnames="vq")
 
 
 def evaluate(g_params: Any, lpips_params: Any, images: list[np.ndarray], vq: VQModel
              ) -> tuple[dict[str, float], list[np.ndarray]]:
     """Held-out metrics over ``images`` (each float32[H, W, 3] in [-1, 1], sizes may differ).
 
-    Returns ``(metrics, reconstructions)``: metrics ``psnr`` (dB) and ``lpips`` averaged over
-    images, ``codebook_usage`` (fraction of the n_embed codes used over all images) and
-    ``perplexity`` of all their codes; reconstructions float32[H, W, 3] in [-1, 1].
+    Returns ``(metrics, reconstructions)``: metrics ``psnr`` (dB), ``ssim`` and ``lpips``
+    averaged over images, ``codebook_usage`` (fraction of the n_embed codes used over all
+    images) and ``perplexity`` of all their codes (:mod:`vqgan_jax.metrics`);
+    reconstructions float32[H, W, 3] in [-1, 1].
     """
     outs = [jax.device_get(reconstruct(g_params, lpips_params, img[None], vq=vq)) for img in images]
-    indices = jnp.concatenate([o["indices"].reshape(-1) for o in outs])
-    perplexity, usage = codebook_stats(indices, vq.n_embed)
-    metrics = dict(psnr=float(np.mean([o["psnr"][0] for o in outs])),
-                   lpips=float(np.mean([o["lpips"][0] for o in outs])),
-                   codebook_usage=float(usage), perplexity=float(perplexity),
-                   num_images=len(images))
+    counts = sum(np.asarray(metrics_lib.code_histogram(o["indices"], vq.n_embed)) for o in outs)
+    metrics = {k: float(np.mean([o[k][0] for o in outs])) for k in ("psnr", "ssim", "lpips")}
+    metrics.update(codebook_usage=metrics_lib.codebook_usage(counts),
+                   perplexity=metrics_lib.perplexity(counts), num_images=len(images))
     return metrics, [o["x_hat"][0] for o in outs]
 
 
@@ -400,9 +407,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Train the tokenizer per ``config`` in ``workdir`` (resuming from its checkpoints).
 
     Leaves in workdir: ``checkpoints/`` (orbax), TensorBoard events, ``reconstructions.png``
-    (held-out originals | reconstructions) and ``metrics.json`` (psnr in dB, lpips,
-    codebook_usage as a fraction, perplexity), rewritten at every evaluation, and
-    ``scalars.jsonl`` (every logged scalar, a JSON object per line).
+    (held-out originals | reconstructions) and ``metrics.json`` (psnr in dB, ssim, lpips,
+    codebook_usage as a fraction, perplexity; see :func:`evaluate`), rewritten at every
+    evaluation, and ``scalars.jsonl`` (every logged scalar, a JSON object per line).
 
     Robustness: a SIGTERM saves a checkpoint at the next step boundary and returns
     ``{"preempted_at_step": step}`` (rerunning resumes there); a step with a NaN/Inf loss or

