@@ -111,4 +111,6 @@ def transformer_config() -> ml_collections.ConfigDict:
     c.log_every_steps = 100
     c.checkpoint_every_steps = 5_000
     c.max_checkpoints_to_keep = 3
+    # NaN/Inf steps are skipped; this many in a row stop the run (see tokenizer_config).
+    c.max_consecutive_nonfinite = 20
     return c

@@ -4,10 +4,12 @@ import json
 import os
 import signal
 import threading
+import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -105,6 +107,80 @@ class NonFiniteGuard:
                 f"non-finite loss or gradient (config.max_consecutive_nonfinite="
                 f"{self.max_consecutive}); stopped at step {step} without saving. The last good "
                 "checkpoint is untouched: lower the learning rate or check the data, then resume.")
+
+
+def train_loop(state: Any, step_fn: Callable[[Any, Any], tuple[Any, dict]],
+               next_batch: Callable[[], Any], *, num_train_steps: int, log_every_steps: int,
+               checkpoint_every_steps: int, max_consecutive_nonfinite: int,
+               manager: ocp.CheckpointManager, save: Callable[..., None],
+               writer: metric_writers.MetricWriter,
+               extra_scalars: Callable[[int, float], dict[str, float]],
+               after_step: Callable[[Any, int], None] | None = None
+               ) -> tuple[Any, int, dict[str, float], bool]:
+    """The training loop both stages share, from ``state.step`` to ``num_train_steps``.
+
+    Each iteration: stop and save if preempted (SIGTERM, :class:`Preemption`); one step
+    ``state, metrics = step_fn(state, next_batch())``; the non-finite flag of the step to
+    :class:`NonFiniteGuard`; every ``log_every_steps`` (and at the last step) the mean of the
+    metrics since the last log plus ``extra_scalars(num_steps, seconds)`` and
+    ``nonfinite_steps`` written as ``train/*``; every ``checkpoint_every_steps`` a save
+    (skipped inside a non-finite streak); then ``after_step(state, step)`` (evaluation) and
+    the test fault hook (:func:`fault_injector`). At the end the last step is saved if it
+    was not. ``report`` progress (steps/s, ETA) goes to ``writer``.
+
+    Args:
+      step_fn: the jitted step; its metrics hold float32 scalars including ``nonfinite``.
+      save: ``save(state, step, force=False)`` writes a checkpoint through ``manager``.
+
+    Returns:
+      ``(state, step, summary, preempted)``: the final state and step, the last logged
+      summary, and whether the loop stopped for a preemption (after saving).
+
+    Raises:
+      FloatingPointError: from :class:`NonFiniteGuard`.
+    """
+    from vqgan_jax.trainers.writers import periodic_actions
+    step = int(jax.device_get(state.step))
+    guard = NonFiniteGuard(max_consecutive_nonfinite)
+    preemption = Preemption(manager)
+    inject_fault = fault_injector()
+    report = periodic_actions.ReportProgress(num_train_steps=num_train_steps, writer=writer)
+    pending, t_log, nonfinite_steps, summary = [], time.perf_counter(), 0, {}
+    try:
+        while step < num_train_steps:
+            if preemption.requested(step):
+                guard.flush()
+                if manager.latest_step() != step:
+                    save(state, step, force=True)
+                logging.warning("Preempted: saved step %d in %s; the same command resumes.",
+                                step, manager.directory)
+                return state, step, summary, True
+            state, metrics = step_fn(state, next_batch())
+            step += 1
+            guard.observe(step, metrics["nonfinite"])
+            pending.append(metrics)
+            report(step)
+            if step % log_every_steps == 0 or step == num_train_steps:
+                fetched = jax.device_get(pending)
+                summary = jax.tree.map(lambda *m: float(np.mean(m)), *fetched)
+                nonfinite_steps += sum(int(m["nonfinite"]) for m in fetched)
+                summary.update(extra_scalars(len(fetched), time.perf_counter() - t_log))
+                summary["nonfinite_steps"] = nonfinite_steps  # skipped updates, this process
+                writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
+                pending, t_log = [], time.perf_counter()
+            if step % checkpoint_every_steps == 0:
+                guard.flush()   # raises before saving if this step ends a bad streak
+                if guard.streak == 0:
+                    save(state, step)
+            if after_step is not None:
+                after_step(state, step)
+            inject_fault(step)
+        guard.flush()
+        if manager.latest_step() != step:
+            save(state, step, force=True)
+    finally:
+        preemption.close()
+    return state, step, summary, False
 
 
 FAULT_ENV = "VQGAN_JAX_FAULT"

@@ -15,7 +15,6 @@ discriminator from one batch. No work is done twice:
 import dataclasses
 import functools
 import os
-import time
 from typing import Any
 
 import flax
@@ -35,7 +34,6 @@ from vqgan_jax.models.discriminators import NLayerDiscriminator
 from vqgan_jax.models.lpips import load_lpips_params, lpips_fn
 from vqgan_jax.models.vqgan import VQModel
 from vqgan_jax.trainers import loop
-from vqgan_jax.trainers.writers import periodic_actions
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -454,63 +452,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     step_fn = jit_train_step(sc, mesh, shardings, lpips_params)
     writer = loop.create_writer(workdir)
     writer.write_hparams(dict(config.to_dict()))
-    report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=writer)
 
-    def save(step: int, force: bool = False):
+    def save(state: TrainState, step: int, force: bool = False):
         manager.save(step, force=force, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(train_iter),
             config=ocp.args.JsonSave(config.to_dict())))
 
-    step = int(jax.device_get(state.step))
-    logging.info("Training %s from step %d to %d on a %s mesh", config.dataset, step,
-                 config.num_train_steps, dict(mesh.shape))
-    guard = loop.NonFiniteGuard(config.max_consecutive_nonfinite)
-    preemption = loop.Preemption(manager)
-    inject_fault = loop.fault_injector()
-    metrics_eval = {}
+    logging.info("Training %s from step %d to %d on a %s mesh", config.dataset,
+                 int(jax.device_get(state.step)), config.num_train_steps, dict(mesh.shape))
+
+    def evaluate_and_save(state, step):
+        metrics, recs = evaluate(state.g_params, lpips_params, eval_images, sc.vq)
+        _save_eval(workdir, step, metrics, eval_images, recs, writer)
+        return metrics
+
+    def after_step(state, step):
+        if step % config.eval_every_steps == 0 and step < config.num_train_steps:
+            evaluate_and_save(state, step)
+
     try:
-        pending, t_log, nonfinite_steps = [], time.perf_counter(), 0
-        while step < config.num_train_steps:
-            if preemption.requested(step):
-                guard.flush()
-                if manager.latest_step() != step:
-                    save(step, force=True)
-                logging.warning("Preempted: saved step %d in %s; the same command resumes.",
-                                step, manager.directory)
-                return {"preempted_at_step": step}
-            batch = parallel.global_batch({"image": next(train_iter)["image"]}, mesh)
-            state, metrics = step_fn(state, batch, lpips_params)
-            step += 1
-            guard.observe(step, metrics["nonfinite"])
-            pending.append(metrics)
-            report(step)
-            if step % config.log_every_steps == 0 or step == config.num_train_steps:
-                fetched = jax.device_get(pending)
-                summary = jax.tree.map(lambda *m: float(np.mean(m)), *fetched)
-                now = time.perf_counter()
-                nonfinite_steps += sum(int(m["nonfinite"]) for m in fetched)
-                summary["img_per_s"] = len(pending) * config.batch_size / (now - t_log)
-                summary["skipped_images"] = train_source.num_skipped
-                summary["nonfinite_steps"] = nonfinite_steps  # skipped updates, this process
-                writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
-                pending, t_log = [], time.perf_counter()
-            if step % config.checkpoint_every_steps == 0:
-                guard.flush()   # raises before saving if this step ends a bad streak
-                if guard.streak == 0:
-                    save(step)
-            if step % config.eval_every_steps == 0 and step < config.num_train_steps:
-                metrics_eval, recs = evaluate(state.g_params, lpips_params, eval_images, sc.vq)
-                _save_eval(workdir, step, metrics_eval, eval_images, recs, writer)
-            inject_fault(step)
-        guard.flush()
-        if manager.latest_step() != step:
-            save(step, force=True)
-        metrics_eval, recs = evaluate(state.g_params, lpips_params, eval_images, sc.vq)
-        _save_eval(workdir, step, metrics_eval, eval_images, recs, writer)
+        state, step, _, preempted = loop.train_loop(
+            state, lambda state, batch: step_fn(state, batch, lpips_params),
+            lambda: parallel.global_batch({"image": next(train_iter)["image"]}, mesh),
+            num_train_steps=config.num_train_steps, log_every_steps=config.log_every_steps,
+            checkpoint_every_steps=config.checkpoint_every_steps,
+            max_consecutive_nonfinite=config.max_consecutive_nonfinite, manager=manager,
+            save=save, writer=writer, after_step=after_step,
+            extra_scalars=lambda n, seconds: dict(img_per_s=n * config.batch_size / seconds,
+                                                  skipped_images=train_source.num_skipped))
+        if preempted:
+            return {"preempted_at_step": step}
+        metrics_eval = evaluate_and_save(state, step)
         logging.info("Held-out metrics at step %d: %s", step, metrics_eval)
     finally:  # Whatever happened, let the checkpoint in flight finish writing.
-        preemption.close()
         manager.wait_until_finished()
         manager.close()
         writer.flush()

@@ -15,7 +15,6 @@ import dataclasses
 import functools
 import math
 import os
-import time
 from typing import Any
 
 import flax
@@ -34,7 +33,6 @@ from vqgan_jax.models.gpt import GPT
 from vqgan_jax.models.vqgan import VQModel
 from vqgan_jax.trainers import loop
 from vqgan_jax.trainers import tokenizer as stage1
-from vqgan_jax.trainers.writers import periodic_actions
 
 CONDITIONINGS = ("unconditional", "class", "image")
 
@@ -168,6 +166,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         (saying what to run first), a block_size too short for prefix + codes, or a batch the
         devices cannot split.
     """
+    if config.max_consecutive_nonfinite < 1:
+        raise ValueError(f"config.max_consecutive_nonfinite={config.max_consecutive_nonfinite} "
+                         "must be >= 1 (the number of NaN/Inf steps in a row that stops a run).")
     if config.dtype not in DTYPES:
         raise ValueError(f"config.dtype={config.dtype!r}; use one of {sorted(DTYPES)}.")
     if config.conditioning not in CONDITIONINGS:
@@ -283,7 +284,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: dict[str,
 
     Returns:
       ``(new_state, metrics)``: float32 scalars ``loss`` (nats per code), ``bits_per_code``
-      (loss / ln 2), ``accuracy`` (top-1 on the codes) and ``grad_norm``.
+      (loss / ln 2), ``accuracy`` (top-1 on the codes), ``grad_norm`` and ``nonfinite`` (1
+      when the loss or gradient was NaN/Inf and the update was skipped).
     """
     rng = jax.random.fold_in(jax.random.key(sc.seed), state.step)
     drop_rng, keep_rng, code_rng, dropout_rng = jax.random.split(rng, 4)
@@ -296,11 +298,16 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: dict[str,
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, prefix, codes, inputs, sc, dropout_rng)
     updates, opt_state = sc.tx.update(grads, state.opt_state, state.params)
-    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                              opt_state=opt_state)
+    grad_norm = optax.tree.norm(grads)
+    # Non-finite guard: a NaN/Inf loss or gradient leaves parameters and optimizer state as
+    # they were; the step still advances.
+    finite = loop.all_finite(loss, grad_norm)
+    updated = state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
     metrics = dict(loss=loss, bits_per_code=loss / jnp.log(2.0), accuracy=aux["accuracy"],
-                   grad_norm=optax.tree.norm(grads))
-    return new_state, jax.tree.map(lambda m: jnp.asarray(m, jnp.float32), metrics)
+                   grad_norm=grad_norm, nonfinite=1.0 - finite.astype(jnp.float32))
+    return (new_state.replace(step=state.step + 1),
+            jax.tree.map(lambda m: jnp.asarray(m, jnp.float32), metrics))
 
 
 def jit_train_step(sc: StepConfig, mesh, state_shardings, frozen_shardings):
@@ -465,15 +472,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Train the GPT per ``config`` in ``workdir`` (resuming from its checkpoints).
 
     Leaves in workdir: ``checkpoints/`` (orbax: state, data iterator, config), TensorBoard
-    events, ``metrics.json`` (the last logged train metrics) and ``samples.png`` (class and
-    unconditional modes: a row per class, decoded by the frozen tokenizer).
+    events, ``scalars.jsonl``, ``metrics.json`` (the last logged train metrics) and
+    ``samples.png`` (class and unconditional modes: a row per class, decoded by the frozen
+    tokenizer). Preemption, non-finite steps and resume behave as in stage 1
+    (:func:`vqgan_jax.trainers.loop.train_loop`).
 
     Returns:
       The last logged train metrics: ``loss`` (nats per code), ``bits_per_code``,
-      ``accuracy``, ``grad_norm``, ``codes_per_s``, ``step``.
+      ``accuracy``, ``grad_norm``, ``codes_per_s``, ``nonfinite_steps``, ``step``; or
+      ``{"preempted_at_step": step}``.
 
     Raises:
       ValueError: for a config field or dataset that cannot work, before anything compiles.
+      FloatingPointError: after ``config.max_consecutive_nonfinite`` non-finite steps in a row.
     """
     import grain  # Imported here: only the job itself needs the data loader's checkpointing.
 
@@ -513,41 +524,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     step_fn = jit_train_step(sc, mesh, shardings, frozen_shardings)
     writer = loop.create_writer(workdir)
     writer.write_hparams(dict(config.to_dict()))
-    report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=writer)
 
-    def save(step: int, force: bool = False):
+    def save(state: TrainState, step: int, force: bool = False):
         manager.save(step, force=force, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(train_iter),
             config=ocp.args.JsonSave(config.to_dict())))
 
-    step = int(jax.device_get(state.step))
     codes_per_step = config.batch_size * math.prod(sc.grid)
-    logging.info("Training %s from step %d to %d on a %s mesh", config.dataset, step,
-                 config.num_train_steps, dict(mesh.shape))
-    summary = {}
+    logging.info("Training %s from step %d to %d on a %s mesh", config.dataset,
+                 int(jax.device_get(state.step)), config.num_train_steps, dict(mesh.shape))
+
+    def next_batch():
+        record = next(train_iter)
+        return parallel.global_batch({"image": record["image"], "label": record["label"]}, mesh)
+
     try:
-        pending, t_log = [], time.perf_counter()
-        while step < config.num_train_steps:
-            record = next(train_iter)
-            batch = parallel.global_batch({"image": record["image"], "label": record["label"]},
-                                          mesh)
-            state, metrics = step_fn(state, batch, frozen)
-            step += 1
-            pending.append(metrics)
-            report(step)
-            if step % config.log_every_steps == 0 or step == config.num_train_steps:
-                summary = jax.tree.map(lambda *m: float(np.mean(m)), *jax.device_get(pending))
-                summary["codes_per_s"] = len(pending) * codes_per_step / (time.perf_counter() - t_log)
-                writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
-                summary["step"] = step
-                if jax.process_index() == 0:
-                    loop.write_json(os.path.join(workdir, "metrics.json"), summary)
-                pending, t_log = [], time.perf_counter()
-            if step % config.checkpoint_every_steps == 0:
-                save(step)
-        if manager.latest_step() != step:
-            save(step, force=True)
+        state, step, summary, preempted = loop.train_loop(
+            state, lambda state, batch: step_fn(state, batch, frozen), next_batch,
+            num_train_steps=config.num_train_steps, log_every_steps=config.log_every_steps,
+            checkpoint_every_steps=config.checkpoint_every_steps,
+            max_consecutive_nonfinite=config.max_consecutive_nonfinite, manager=manager,
+            save=save, writer=writer,
+            extra_scalars=lambda n, seconds: dict(codes_per_s=n * codes_per_step / seconds))
+        if preempted:
+            return {"preempted_at_step": step}
+        summary["step"] = step
+        if jax.process_index() == 0:
+            loop.write_json(os.path.join(workdir, "metrics.json"), summary)
         grid = _sample_grid(state.params, frozen, sc, config, jax.random.key(config.seed))
         if grid is not None:
             writer.write_images(step, {"samples": grid[None].astype(np.float32) / 255})
