@@ -91,8 +91,7 @@ class JsonlWriter:
     """
 
     def __init__(self, path: str):
-        from etils import epath
-        self._path = epath.Path(path)
+        self._path = path
         self._lines: list[str] = []
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]):
@@ -123,8 +122,15 @@ class JsonlWriter:
 
     def flush(self):
         if self._lines:
-            with self._path.open("a") as f:
-                f.write("".join(line + "\n" for line in self._lines))
+            text = "".join(line + "\n" for line in self._lines)
+            if "://" in self._path:
+                # Object stores (gs://) cannot append: rewrite the whole file through etils.
+                from etils import epath
+                path = epath.Path(self._path)
+                path.write_text((path.read_text() if path.exists() else "") + text)
+            else:
+                with open(self._path, "a") as f:
+                    f.write(text)
             self._lines = []
 
     def close(self):
