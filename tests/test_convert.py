@@ -172,7 +172,7 @@ def test_gpt_logits_match_mingpt():
     codes = rng.integers(0, 64, (2, 63))
     with torch.no_grad():
         theirs = model(torch.from_numpy(np.concatenate([classes[:, None], codes], 1))).numpy()
-    ours, _ = gpt.apply({"params": params}, jnp.asarray(np.concatenate(
+    ours, _ = jax.jit(lambda p, t: gpt.apply({"params": p}, t))(params, jnp.asarray(np.concatenate(
         [64 + classes[:, None], codes], 1), jnp.int32))
     err = rel_err(ours, theirs)
     print("GPT logits max relative error vs torch:", err)
@@ -226,10 +226,11 @@ def test_cli_net2net_to_workdirs_loaded_by_the_sampler_and_back(tmp_path):
         z_q = vq_model.quantize.embedding(torch.from_numpy(codes)).permute(0, 3, 1, 2)
         images = vq_model.decode(z_q).permute(0, 2, 3, 1).numpy()
     prefix = sc.conditioning.class_prefix(jnp.array([5, 9]))
-    ours, _ = sc.gpt.apply({"params": params}, jnp.concatenate(
+    ours, _ = jax.jit(lambda p, t: sc.gpt.apply({"params": p}, t))(params, jnp.concatenate(
         [prefix, jnp.asarray(codes.reshape(2, -1)[:, :-1], jnp.int32)], 1))
-    ours_images = sc.vq.apply({"params": frozen["tokenizer"]}, jnp.asarray(codes),
-                              method=VQModel.decode_from_indices)
+    ours_images = jax.jit(lambda p, c: sc.vq.apply({"params": p}, c,
+                                                   method=VQModel.decode_from_indices))(
+        frozen["tokenizer"], jnp.asarray(codes))
     errors = dict(logits=rel_err(ours, theirs), decoded=rel_err(ours_images, images))
     print("CLI-converted workdirs, max relative errors vs torch:", errors)
     assert max(errors.values()) < TOL, errors
