@@ -475,7 +475,8 @@ def write_tokenizer_workdir(out: str, config: ml_collections.ConfigDict, convert
     g_params = jax.tree.map(jnp.asarray, converted["g_params"])
     if converted["d_params"] is None:
         x = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
-        d_vars = nn.meta.unbox(sc.disc.init(jax.random.key(config.seed), x, train=False))
+        d_vars = jax.jit(lambda key: nn.meta.unbox(sc.disc.init(key, x, train=False)))(
+            jax.random.key(config.seed))
         d_params, d_batch_stats = d_vars["params"], d_vars["batch_stats"]
         logging.info("No loss.discriminator in the checkpoint: a fresh discriminator is written.")
     else:
