@@ -2,9 +2,11 @@
 
 ``x -> Encoder -> quant_conv -> z_e -> VectorQuantizer -> z_q -> post_quant_conv -> Decoder
 -> x_hat``. The layout is taming-transformers' ``VQModel`` parameter for parameter; submodule
-names turn taming's dotted keys into flax paths by replacing ``down.i`` / ``up.i`` /
-``block.j`` / ``attn.j`` with ``down_i`` / ``up_i`` / ``block_j`` / ``attn_j``
-(e.g. ``encoder.down.1.block.0.conv1.weight`` -> ``encoder/down_1/block_0/conv1/kernel``).
+names turn taming's dotted keys into flax paths by joining ``down.i.block.j`` /
+``down.i.attn.j`` / ``down.i.downsample`` (and ``up.*``) into one module name
+``down_i_block_j`` / ``down_i_attn_j`` / ``down_i_downsample``
+(e.g. ``encoder.down.1.block.0.conv1.weight`` -> ``encoder/down_1_block_0/conv1/kernel``);
+:mod:`vqgan_jax.interop.taming` converts checkpoints both ways.
 """
 
 from typing import Any, Sequence

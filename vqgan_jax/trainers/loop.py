@@ -42,6 +42,23 @@ def checkpoint_manager(workdir: str, *, max_to_keep: int,
                                  options=options)
 
 
+def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
+                  train_iter: Any) -> Any:
+    """Restore ``state`` of checkpoint ``step`` onto the shardings ``abstract_state`` carries,
+    and the data iterator ``train_iter`` in place when the checkpoint has a ``data`` item.
+
+    Checkpoints converted from other projects (:mod:`vqgan_jax.interop`) have none: the data
+    iterator then starts from its beginning.
+    """
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if (epath.Path(manager.directory) / str(step) / "data").exists():
+        import grain  # Only the training job needs the data loader's checkpointing.
+        items["data"] = grain.checkpoint.CheckpointRestore(train_iter)
+    else:
+        logging.warning("Checkpoint %d has no data iterator state; the data starts afresh.", step)
+    return manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+
 def abstract_like(state: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs carrying ``shardings``: the restore target that puts arrays on the mesh."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),

@@ -442,10 +442,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                       item_names=("state", "data", "config"))
     if manager.latest_step() is not None:
         step = manager.latest_step()
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(loop.abstract_like(state, shardings)),
-            data=grain.checkpoint.CheckpointRestore(train_iter)))
-        state = restored["state"]
+        state = loop.restore_state(manager, step, loop.abstract_like(state, shardings),
+                                   train_iter)
         logging.info("Resumed from %s at step %d", manager.directory, step)
 
     lpips_params = jax.device_put(load_lpips_params(), parallel.replicated(mesh))

@@ -515,10 +515,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                       item_names=("state", "data", "config"))
     if manager.latest_step() is not None:
         step = manager.latest_step()
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(loop.abstract_like(state, shardings)),
-            data=grain.checkpoint.CheckpointRestore(train_iter)))
-        state = restored["state"]
+        state = loop.restore_state(manager, step, loop.abstract_like(state, shardings),
+                                   train_iter)
         logging.info("Resumed from %s at step %d", manager.directory, step)
 
     step_fn = jit_train_step(sc, mesh, shardings, frozen_shardings)

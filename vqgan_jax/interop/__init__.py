@@ -1,0 +1,1 @@
+"""Conversion between vqgan_jax workdirs and other projects' checkpoints (taming.py)."""
