@@ -31,7 +31,7 @@ demo-transformer: runs/demo/metrics.json
 	    --num=1 --height=24 --width=48 --top_k=100 --top_p=0.95 --out=runs/demo_transformer/large_sample.png
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --durations=15   # two workers: one per CPU core
 
 clean:
 	rm -rf $(VENV) runs
