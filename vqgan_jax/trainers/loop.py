@@ -59,6 +59,41 @@ def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state: Any
     return manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
 
+class RunCheckpoints:
+    """A training run's orbax checkpoints in ``workdir/checkpoints``: the state, the data
+    iterator's position and the config, saved together (async) and restored together.
+
+    Attributes:
+      manager: the :class:`orbax.checkpoint.CheckpointManager` (``wait_until_finished`` and
+        ``close`` it when the run ends).
+    """
+
+    def __init__(self, workdir: str, config: Any, train_iter: Any):
+        self.manager = checkpoint_manager(workdir, max_to_keep=config.max_checkpoints_to_keep,
+                                          item_names=("state", "data", "config"))
+        self._train_iter = train_iter
+        self._config = config.to_dict()
+
+    def restore_latest(self, state: Any, shardings: Any) -> Any:
+        """``state`` from the newest checkpoint onto ``shardings`` (the data iterator is
+        restored in place), or ``state`` itself when there is none."""
+        step = self.manager.latest_step()
+        if step is None:
+            return state
+        state = restore_state(self.manager, step, abstract_like(state, shardings),
+                              self._train_iter)
+        logging.info("Resumed from %s at step %d", self.manager.directory, step)
+        return state
+
+    def save(self, state: Any, step: int, force: bool = False) -> None:
+        """Save ``state``, the data iterator and the config as checkpoint ``step`` (async)."""
+        import grain  # Only the training job needs the data loader's checkpointing.
+        self.manager.save(step, force=force, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(self._train_iter),
+            config=ocp.args.JsonSave(self._config)))
+
+
 def abstract_like(state: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs carrying ``shardings``: the restore target that puts arrays on the mesh."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),

@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
 
 from vqgan_jax import losses, parallel
@@ -422,7 +421,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       ValueError: for a config field or dataset that cannot work, before anything compiles.
       FloatingPointError: after ``config.max_consecutive_nonfinite`` non-finite steps in a row.
     """
-    import grain  # Imported here: only the job itself needs the data loader's checkpointing.
 
     validate_config(config, jax.device_count())
     workdir = loop.ensure_writable_workdir(workdir)
@@ -438,24 +436,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, shardings = loop.create_sharded_state(
         functools.partial(init_state, sc=sc, image_size=config.image_size),
         jax.random.key(config.seed), mesh)
-    manager = loop.checkpoint_manager(workdir, max_to_keep=config.max_checkpoints_to_keep,
-                                      item_names=("state", "data", "config"))
-    if manager.latest_step() is not None:
-        step = manager.latest_step()
-        state = loop.restore_state(manager, step, loop.abstract_like(state, shardings),
-                                   train_iter)
-        logging.info("Resumed from %s at step %d", manager.directory, step)
+    checkpoints = loop.RunCheckpoints(workdir, config, train_iter)
+    manager = checkpoints.manager
+    state = checkpoints.restore_latest(state, shardings)
 
     lpips_params = jax.device_put(load_lpips_params(), parallel.replicated(mesh))
     step_fn = jit_train_step(sc, mesh, shardings, lpips_params)
     writer = loop.create_writer(workdir)
     writer.write_hparams(dict(config.to_dict()))
-
-    def save(state: TrainState, step: int, force: bool = False):
-        manager.save(step, force=force, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=grain.checkpoint.CheckpointSave(train_iter),
-            config=ocp.args.JsonSave(config.to_dict())))
 
     logging.info("Training %s from step %d to %d on a %s mesh", config.dataset,
                  int(jax.device_get(state.step)), config.num_train_steps, dict(mesh.shape))
@@ -476,7 +464,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             num_train_steps=config.num_train_steps, log_every_steps=config.log_every_steps,
             checkpoint_every_steps=config.checkpoint_every_steps,
             max_consecutive_nonfinite=config.max_consecutive_nonfinite, manager=manager,
-            save=save, writer=writer, after_step=after_step,
+            save=checkpoints.save, writer=writer, after_step=after_step,
             extra_scalars=lambda n, seconds: dict(img_per_s=n * config.batch_size / seconds,
                                                   skipped_images=train_source.num_skipped))
         if preempted:

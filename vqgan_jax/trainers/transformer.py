@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
 
 from vqgan_jax import parallel, sampling
@@ -486,7 +485,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       ValueError: for a config field or dataset that cannot work, before anything compiles.
       FloatingPointError: after ``config.max_consecutive_nonfinite`` non-finite steps in a row.
     """
-    import grain  # Imported here: only the job itself needs the data loader's checkpointing.
 
     config = ml_collections.ConfigDict(config.to_dict())
     for field in ("tokenizer_workdir", "cond_tokenizer_workdir"):
@@ -511,23 +509,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("GPT with %.2fM parameters; %s conditioning, %d prefix + %d codes", n_params / 1e6,
                  config.conditioning, sc.conditioning.prefix_length, math.prod(sc.grid))
     frozen, frozen_shardings = load_frozen(config, sc, mesh)
-    manager = loop.checkpoint_manager(workdir, max_to_keep=config.max_checkpoints_to_keep,
-                                      item_names=("state", "data", "config"))
-    if manager.latest_step() is not None:
-        step = manager.latest_step()
-        state = loop.restore_state(manager, step, loop.abstract_like(state, shardings),
-                                   train_iter)
-        logging.info("Resumed from %s at step %d", manager.directory, step)
+    checkpoints = loop.RunCheckpoints(workdir, config, train_iter)
+    manager = checkpoints.manager
+    state = checkpoints.restore_latest(state, shardings)
 
     step_fn = jit_train_step(sc, mesh, shardings, frozen_shardings)
     writer = loop.create_writer(workdir)
     writer.write_hparams(dict(config.to_dict()))
-
-    def save(state: TrainState, step: int, force: bool = False):
-        manager.save(step, force=force, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=grain.checkpoint.CheckpointSave(train_iter),
-            config=ocp.args.JsonSave(config.to_dict())))
 
     codes_per_step = config.batch_size * math.prod(sc.grid)
     logging.info("Training %s from step %d to %d on a %s mesh", config.dataset,
@@ -543,7 +531,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             num_train_steps=config.num_train_steps, log_every_steps=config.log_every_steps,
             checkpoint_every_steps=config.checkpoint_every_steps,
             max_consecutive_nonfinite=config.max_consecutive_nonfinite, manager=manager,
-            save=save, writer=writer,
+            save=checkpoints.save, writer=writer,
             extra_scalars=lambda n, seconds: dict(codes_per_s=n * codes_per_step / seconds))
         if preempted:
             return {"preempted_at_step": step}
