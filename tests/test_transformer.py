@@ -214,3 +214,45 @@ def test_train_resume_and_sample_cli(tokenizer_workdir, tmp_path):
 
     with pytest.raises(ValueError, match=r"--class_ids=\[5\]"):
         T.sample_to_png(str(workdir), str(tmp_path / "x.png"), class_ids=[5], num=1)
+
+
+def test_sample_fid_and_inception_score_of_a_stage2_workdir(tokenizer_workdir, tmp_path):
+    """evaluation.evaluate_samples: FID of the workdir's samples against statistics of the same
+    samples drawn independently (same seed scheme, classes j % num_classes) is ~0; IS is in
+    [1, 1008]; the protocol records the sampler's settings."""
+    from conftest import random_inception_state_dict
+    from vqgan_jax import evaluation, metrics
+    from vqgan_jax.models import inception
+
+    config = tiny(load_config("demo_transformer"), tokenizer_workdir)
+    config.update(num_train_steps=1, log_every_steps=1, checkpoint_every_steps=1)
+    config.sample.num_per_row = 0
+    workdir = str(tmp_path / "gpt")
+    T.train_and_evaluate(config, workdir)
+    weights = str(tmp_path / "inception.npz")
+    np.savez(weights, **random_inception_state_dict())
+
+    params, frozen, sc, _ = T.load_for_sampling(workdir)
+    rng, settings = jax.random.key(3), dict(top_k=4, top_p=0.9, temperature=1.0)
+    samples = [np.clip(T.sample_images(params, frozen, sc, T.class_rows(sc.conditioning, c, 1),
+                                       jax.random.fold_in(rng, i), **settings), -1, 1)
+               for i, c in enumerate(([0, 1, 0], [1, 0]))]  # batches of 3: classes j % 2
+    mesh = parallel.create_mesh(devices=jax.devices()[:1])
+    variables = inception.load_inception_params(weights)
+    stats, _ = metrics.inception_outputs(samples, variables, mesh=mesh, batch_size=3)
+    ref = str(tmp_path / "ref.npz")
+    metrics.save_stats(ref, stats.mu, stats.sigma, 5, {})
+
+    report = evaluation.evaluate_samples(workdir, num_samples=5, batch_size=3,
+                                         inception_weights=weights, ref_stats=ref, seed=3,
+                                         **settings)
+    assert abs(report["fid"]) < 1e-3 * max(1.0, float(np.trace(stats.sigma)))
+    assert 1.0 < report["inception_score"] <= 1008.0  # one split of 5 distinct samples
+    assert report["num_samples"] == 5 and report["step"] == 1
+    assert report["protocol"]["top_k"] == 4 and report["protocol"]["conditioning"] == "class"
+    assert json.loads((tmp_path / "gpt" / "eval.json").read_text())["fid"] == report["fid"]
+    with pytest.raises(ValueError, match="--top_p"):
+        evaluation.evaluate_samples(workdir, num_samples=5, inception_weights=weights, top_p=0)
+    result = subprocess.run([sys.executable, "-m", "vqgan_jax.evaluate", f"--workdir={workdir}"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "stage-2 workdir is scored by FID" in result.stderr

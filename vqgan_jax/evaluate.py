@@ -1,4 +1,8 @@
-"""Evaluate a tokenizer: ``python -m vqgan_jax.evaluate --workdir=DIR --split=validation``.
+"""Evaluate a workdir: ``python -m vqgan_jax.evaluate --workdir=DIR --split=validation``.
+
+A stage-2 (transformer) workdir is scored instead by sampling ``--num_samples`` images:
+``fid`` against ``--ref_stats`` and ``inception_score`` (see
+:func:`vqgan_jax.evaluation.evaluate_samples`).
 
 Writes ``DIR/eval.json`` (psnr, ssim, lpips, codebook_usage, perplexity, rfid with
 ``--inception_weights``, and the protocol) and ``DIR/eval_reconstructions.png``. With
@@ -30,6 +34,13 @@ _WRITE_REF_STATS = flags.DEFINE_string(
     "write_ref_stats", None, "Write the Inception statistics of --dataset/--split to this .npz "
     "and exit (no --workdir needed).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 50_000, "Stage-2 workdirs: images to sample "
+                                    "for FID and Inception Score.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Stage 2: sampler top-k (0: off).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Stage 2: sampler nucleus mass (1: off).")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Stage 2: sampling temperature.")
+_GUIDANCE = flags.DEFINE_float("guidance_scale", 1.0, "Stage 2: classifier-free guidance (1: off).")
+_SEED = flags.DEFINE_integer("seed", 0, "Stage 2: sampling seed.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() "
                                  "first (multi-host).")
 
@@ -52,6 +63,18 @@ def main(argv):
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required (or --write_ref_stats to write reference "
                              "statistics).")
+    from vqgan_jax.trainers import loop
+    if loop.read_config(_WORKDIR.value, "--workdir").get("stage") == "transformer":
+        if not _INCEPTION.value:
+            raise app.UsageError("A stage-2 workdir is scored by FID and Inception Score: pass "
+                                 "--inception_weights (and --ref_stats for FID).")
+        report = evaluation.evaluate_samples(
+            _WORKDIR.value, num_samples=_NUM_SAMPLES.value, inception_weights=_INCEPTION.value,
+            ref_stats=_REF_STATS.value, batch_size=_BATCH_SIZE.value, top_k=_TOP_K.value,
+            top_p=_TOP_P.value, temperature=_TEMPERATURE.value,
+            guidance_scale=_GUIDANCE.value, seed=_SEED.value)
+        logging.info("eval.json: %s", {k: v for k, v in report.items() if k != "protocol"})
+        return
     report = evaluation.evaluate_workdir(
         _WORKDIR.value, dataset=_DATASET.value, inception_weights=_INCEPTION.value,
         ref_stats=_REF_STATS.value, step=_STEP.value, **common)

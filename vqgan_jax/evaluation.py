@@ -192,8 +192,8 @@ def _open_checkpoints(workdir: str, step: int | None
         if config.get("stage", "tokenizer") != "tokenizer":
             raise ValueError(
                 f"--workdir={workdir} is a {config.stage!r} workdir; this evaluation scores "
-                "tokenizers (stage 1). Score generated samples with "
-                "vqgan_jax.metrics.fid_from_images / inception_score.")
+                "tokenizers (stage 1). Score a generator's samples with evaluate_samples "
+                "(the command line does so for stage-2 workdirs).")
     except BaseException:
         manager.close()
         raise
@@ -394,3 +394,101 @@ def evaluate_workdir(workdir: str, *, dataset: str | None = None, split: str = "
     logging.info("Evaluation of %s: %s", workdir,
                  {k: v for k, v in report.items() if k not in ("protocol", "notes")})
     return report
+
+
+def evaluate_samples(workdir: str, *, num_samples: int, inception_weights: str,
+                     ref_stats: str | None = None, batch_size: int = 64, top_k: int = 0,
+                     top_p: float = 1.0, temperature: float = 1.0, guidance_scale: float = 1.0,
+                     seed: int = 0) -> dict[str, Any]:
+    """Score a stage-2 workdir's generator: FID and Inception Score of ``num_samples`` samples.
+
+    Samples are drawn with the jitted sampler (:func:`transformer.sample_images`) at the
+    training grid in batches of ``batch_size``, batch ``i`` with key ``fold_in(key(seed), i)``;
+    class-conditional models cycle through the classes (sample ``j`` has class
+    ``j % num_classes``: 50 per class for 50,000 ImageNet samples), unconditional ones use the
+    start token. Decoded images (clipped to [-1, 1]) go through the FID Inception-v3.
+
+    Args:
+      workdir: a stage-2 workdir (``config.stage == "transformer"``).
+      num_samples: images to generate (the ImageNet protocol: 50,000).
+      inception_weights: pytorch-fid's Inception weights (.pth or .npz).
+      ref_stats: reference statistics (:func:`write_reference_stats` of the real images, e.g.
+        the ImageNet training or validation split at the tokenizer's image size): ``fid``
+        needs them; without, only the Inception Score is reported and ``notes`` says why.
+      batch_size: samples per sampler call and per Inception batch.
+      top_k, top_p, temperature, guidance_scale: the sampler's settings (recorded).
+      seed: sampling seed.
+
+    Returns:
+      The report written to ``workdir/eval.json``: ``fid`` (with ``ref_stats``),
+      ``inception_score`` and ``inception_score_std`` (10 splits; 1 below 10 samples),
+      ``num_samples``, ``step``,
+      ``protocol`` (sampling settings, image size, Inception variant, reference statistics)
+      and ``notes``.
+
+    Raises:
+      ValueError / FileNotFoundError: naming the flag, before sampling, for a workdir that is
+        not a stage-2 run, an image-conditional model, bad sampling settings, or unreadable
+        weights or statistics.
+    """
+    from vqgan_jax.trainers import transformer  # stage 2 only: keeps stage-1 imports lean
+    if num_samples < 1 or batch_size < 1:
+        raise ValueError(f"--num_samples={num_samples} and --batch_size={batch_size} must be >= 1.")
+    if top_k < 0 or not 0 < top_p <= 1 or temperature <= 0:
+        raise ValueError(f"--top_k={top_k} must be >= 0, --top_p={top_p} in (0, 1], "
+                         f"--temperature={temperature} > 0.")
+    workdir = os.path.abspath(workdir) if "://" not in workdir else workdir
+    ref = metrics.load_stats(ref_stats) if ref_stats is not None else None
+    params, frozen, sc, config = transformer.load_for_sampling(workdir)
+    if sc.conditioning.kind == "image":
+        raise ValueError(f"--workdir={workdir} holds an image-conditional model; sample FID needs "
+                         "condition images, which this evaluation does not read.")
+    mesh = parallel.create_mesh(devices=jax.devices()[:1])
+    inception_vars = _load_inception(inception_weights, mesh)
+    step = loop.latest_step(workdir, "--workdir")
+    rng = jax.random.key(seed)
+
+    def sample_batches():
+        for i, start in enumerate(range(0, num_samples, batch_size)):
+            b = min(batch_size, num_samples - start)
+            if sc.conditioning.kind == "class":
+                classes = [(start + j) % sc.conditioning.num_classes for j in range(b)]
+                prefix = transformer.class_rows(sc.conditioning, classes, 1)
+            else:
+                prefix = transformer.class_rows(sc.conditioning, [], b)
+            yield np.clip(transformer.sample_images(
+                params, frozen, sc, prefix, jax.random.fold_in(rng, i), top_k=top_k,
+                top_p=top_p, temperature=temperature, guidance_scale=guidance_scale), -1, 1)
+
+    logging.info("Sampling %d images from %s step %d for FID/IS", num_samples, workdir, step)
+    stats, probs = metrics.inception_outputs(sample_batches(), inception_vars, mesh=mesh,
+                                             batch_size=batch_size, with_probs=True)
+    splits = 10 if num_samples >= 10 else 1  # the original code's 10 splits, when there are 10
+    is_mean, is_std = metrics.inception_score_from_probs(probs, splits)
+    report: dict[str, Any] = dict(inception_score=is_mean, inception_score_std=is_std,
+                                  num_samples=num_samples, step=step)
+    notes = []
+    if ref is not None:
+        report["fid"] = metrics.frechet_distance(stats.mu, stats.sigma, ref[0], ref[1])
+    else:
+        notes.append("fid left out: no --ref_stats (write them once with --write_ref_stats).")
+    if num_samples < inception.FEATURE_DIM:
+        notes.append(f"statistics of {num_samples} samples (< 2048 feature dimensions): fid is "
+                     "biased upward; compare only at equal num_samples.")
+    image_size = config.image_size
+    report["protocol"] = dict(
+        num_samples=num_samples, image_size=image_size, grid=list(sc.grid),
+        conditioning=sc.conditioning.kind,
+        classes="sample j has class j % num_classes" if sc.conditioning.kind == "class" else None,
+        top_k=top_k, top_p=top_p, temperature=temperature, guidance_scale=guidance_scale,
+        seed=seed, inception="pt_inception-2015-12-05 (pytorch-fid FIDInceptionV3)",
+        inception_input=INCEPTION_INPUT, inception_score_splits=splits,
+        dtype="float32", ref_stats=os.path.basename(ref_stats) if ref_stats else None,
+        ref_stats_protocol=ref[2] if ref is not None else None)
+    report["notes"] = notes
+    if jax.process_index() == 0:
+        loop.write_json(os.path.join(workdir, "eval.json"), report)
+    logging.info("Evaluation of %s: %s", workdir,
+                 {k: v for k, v in report.items() if k not in ("protocol", "notes")})
+    return report
+
