@@ -73,6 +73,16 @@ def _draw(rng, n, logits, top_k, top_p, temperature):
                                   filter_logits(logits, top_k, top_p, temperature)).astype(jnp.int32)
 
 
+def _with_null_rows(prefix: jax.Array, null_prefix: jax.Array | None, guidance_scale: float
+                    ) -> tuple[jax.Array, jax.Array | None]:
+    """For classifier-free guidance: ``prefix`` with the ``null_prefix`` rows appended (the
+    unconditional half of the batch) and the scale as float32[]; unchanged and None without."""
+    if null_prefix is None:
+        return prefix, None
+    return (jnp.concatenate([prefix, null_prefix], axis=0),
+            jnp.asarray(guidance_scale, jnp.float32))
+
+
 def _check(gpt: GPT, prefix: jax.Array, num_codes: int, null_prefix: jax.Array | None):
     p = prefix.shape[1]
     if p < 1:
@@ -115,10 +125,7 @@ def sample(params: Any, prefix: jax.Array, rng: jax.Array, *, gpt: GPT, num_code
     """
     _check(gpt, prefix, num_codes, null_prefix)
     b, p = prefix.shape
-    scale = None
-    if null_prefix is not None:
-        prefix = jnp.concatenate([prefix, null_prefix], axis=0)
-        scale = jnp.asarray(guidance_scale, jnp.float32)
+    prefix, scale = _with_null_rows(prefix, null_prefix, guidance_scale)
     draw = functools.partial(_draw, rng, top_k=top_k, top_p=top_p, temperature=temperature)
     codes = jnp.zeros((b, num_codes), jnp.int32)
 
@@ -187,10 +194,7 @@ def sample_sliding_window(params: Any, prefix: jax.Array, rng: jax.Array, *, gpt
                          f"grid {gh}x{gw}; use sample() for grids up to the training grid.")
     _check(gpt, prefix, gh * gw, null_prefix)
     b, p = prefix.shape
-    scale = None
-    if null_prefix is not None:
-        prefix = jnp.concatenate([prefix, null_prefix], axis=0)
-        scale = jnp.asarray(guidance_scale, jnp.float32)
+    prefix, scale = _with_null_rows(prefix, null_prefix, guidance_scale)
     draw = functools.partial(_draw, rng, top_k=top_k, top_p=top_p, temperature=temperature)
 
     def step(n, codes):
