@@ -1,6 +1,6 @@
 """A class-conditional GPT small enough to train on 2 CPU cores in minutes, over the codes of
-the demo tokenizer (configs/demo.py, `make demo` -> runs/demo). `make demo-transformer` runs it
-into runs/demo_transformer.
+the demo tokenizer (configs/demo.py -> runs/demo). `make demo` runs it second, into
+runs/demo/transformer.
 
 The class is which of the six training photos a crop came from. 64x64 crops -> 16x16 codes of
 the f4 tokenizer; 1 class token + 256 codes; 4 layers of width 128 (1.1M parameters).

@@ -1,6 +1,6 @@
 """Sample a grid of images from a stage-2 workdir:
 
-    python -m vqgan_jax.sample --workdir=runs/demo_transformer --class_ids=0,1 --num=8 \
+    python -m vqgan_jax.sample --workdir=runs/demo/transformer --class_ids=0,1 --num=8 \
         --top_k=100 --top_p=0.95 --temperature=1.0 --out=samples.png
 
 A row per class id (``--num`` samples each); an unconditional model takes no --class_ids and
