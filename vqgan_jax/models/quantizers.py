@@ -171,9 +171,9 @@ class VectorQuantizer(nn.Module):
             "codebook", nn.with_logical_partitioning(init, ("codebook_n", "codebook_d")),
             (self.n_embed, self.embed_dim), jnp.float32)
         if self.is_mutable_collection(STATS):
-            self.init_stats()
+            self._declare_stats()
 
-    def init_stats(self) -> None:
+    def _declare_stats(self) -> None:
         """Declare the :data:`STATS` variables (called from setup while STATS is mutable).
 
         ``unused_steps``: int32[n_embed], consecutive train steps each code went unchosen
@@ -309,14 +309,14 @@ class EMAVectorQuantizer(VectorQuantizer):
 
     uses_ema = True
 
-    def init_stats(self) -> None:
-        """As :meth:`VectorQuantizer.init_stats`, plus ``cluster_size`` float32[K] (ones) and
+    def _declare_stats(self) -> None:
+        """As :meth:`VectorQuantizer._declare_stats`, plus ``cluster_size`` float32[K] (ones) and
         ``embed_sum`` float32[K, D] (the codebook parameter's value)."""
-        super().init_stats()
+        super()._declare_stats()
         self.cluster_size = self.variable(STATS, "cluster_size", jnp.ones,
                                           (self.n_embed,), jnp.float32)
         self.embed_sum = self.variable(STATS, "embed_sum",
-                                       lambda: jnp.asarray(self.codebook, jnp.float32))
+                                       lambda: jnp.array(self.codebook, jnp.float32, copy=True))
 
     def _ema_update(self, flat_z: jax.Array, flat_idx: jax.Array, counts: jax.Array) -> jax.Array:
         d, eps, k = self.ema_decay, self.ema_epsilon, self.n_embed
@@ -498,9 +498,14 @@ class FSQuantizer(nn.Module):
         bounded = jnp.tanh(z + jnp.arctanh(offset / half_l)) * half_l - offset
         rounded = bounded + jax.lax.stop_gradient(jnp.round(bounded) - bounded)
         z_q = rounded / half_width
-        digits = jnp.round(jax.lax.stop_gradient(rounded)).astype(jnp.int32) + half_width
-        indices = jnp.sum(digits * basis, axis=-1).astype(jnp.int32)
+        indices = self.codes_to_indices(jax.lax.stop_gradient(z_q))
         return z_q.astype(self.dtype), _aux(indices, self.n_codes)
+
+    def codes_to_indices(self, codes: jax.Array) -> jax.Array:
+        """Inverse of :meth:`lookup`: float[..., D] on the level grid -> int32[...]."""
+        levels, half_width, basis = self._levels()
+        digits = jnp.round(codes.astype(jnp.float32) * half_width).astype(jnp.int32) + half_width
+        return jnp.sum(digits * basis, axis=-1).astype(jnp.int32)
 
     def lookup(self, indices: jax.Array) -> jax.Array:
         """Codes for ``indices``: int[...] in [0, prod(fsq_levels)) -> self.dtype[..., D] in

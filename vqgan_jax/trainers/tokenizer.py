@@ -29,8 +29,8 @@ from absl import logging
 from vqgan_jax import losses, parallel
 from vqgan_jax import metrics as metrics_lib
 from vqgan_jax.data import pipeline, sources
-from vqgan_jax.models.discriminators import NLayerDiscriminator
 from vqgan_jax.models import quantizers
+from vqgan_jax.models.discriminators import NLayerDiscriminator
 from vqgan_jax.models.lpips import load_lpips_params, lpips_fn
 from vqgan_jax.models.vqgan import VQModel
 from vqgan_jax.trainers import loop
@@ -103,14 +103,17 @@ def init_state(rng: jax.Array, sc: StepConfig, image_size: int) -> TrainState:
     d_vars = nn.meta.unbox(sc.disc.init(d_rng, x, train=False))
     return TrainState(step=jnp.zeros((), jnp.int32), g_params=g_params,
                       d_params=d_vars["params"], d_batch_stats=d_vars["batch_stats"],
-                      g_opt_state=sc.g_tx.init(g_params), d_opt_state=sc.d_tx.init(d_vars["params"]),
+                      g_opt_state=sc.g_tx.init(g_params),
+                      d_opt_state=sc.d_tx.init(d_vars["params"]),
                       quantizer_stats=g_vars.get(quantizers.STATS, {}))
 
 
 def init_quantizer_stats(vq: VQModel, g_params: Any) -> Any:
     """Fresh :attr:`TrainState.quantizer_stats` for the codebook in ``g_params`` (e.g. one
     converted from taming): EMA sums start at that codebook. ``{}`` for plain VQ."""
-    _, variables = vq.apply({"params": g_params}, method=lambda m: m.quantize.init_stats(),
+    # Any call of the quantizer runs its setup, which declares the statistics while mutable.
+    _, variables = vq.apply({"params": g_params},
+                            method=lambda m: m.quantize(jnp.zeros((1, m.embed_dim))),
                             mutable=[quantizers.STATS])
     return variables.get(quantizers.STATS, {})
 
