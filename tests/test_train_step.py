@@ -70,7 +70,7 @@ def direct_adaptive_weight(state, batch, lpips_params, sc) -> float:
 
 def test_fused_step_matches_naive_gradients_and_adaptive_weight(lpips_params):
     _, sc, _, state, _, batch = tiny_setup(disc_start=0)
-    g_grads, d_grads, _, metrics = jax.jit(functools.partial(T.compute_grads, sc=sc))(
+    g_grads, d_grads, _, metrics, _ = jax.jit(functools.partial(T.compute_grads, sc=sc))(
         state, batch, lpips_params)
     g_ref, d_ref, _ = jax.jit(functools.partial(T.reference_grads, sc=sc))(
         state, batch, lpips_params)
@@ -85,7 +85,7 @@ def test_fused_step_matches_naive_gradients_and_adaptive_weight(lpips_params):
 
 def test_adversarial_terms_are_off_before_disc_start(lpips_params):
     _, sc, _, state, _, batch = tiny_setup(disc_start=5)
-    _, d_grads, _, metrics = jax.jit(functools.partial(T.compute_grads, sc=sc))(
+    _, d_grads, _, metrics, _ = jax.jit(functools.partial(T.compute_grads, sc=sc))(
         state, batch, lpips_params)
     assert float(metrics["disc_factor"]) == 0.0 and float(metrics["d_loss"]) == 0.0
     assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(d_grads))

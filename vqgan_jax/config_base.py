@@ -31,6 +31,26 @@ def tokenizer_config() -> ml_collections.ConfigDict:
         dropout=0.0, norm_groups=32))
     c.dtype = "float32"                 # compute dtype: float32 | bfloat16 (params stay float32)
 
+    # Quantizer (models.quantizers.make_quantizer); the codebook shape stays in config.model
+    # (n_embed, embed_dim, beta, l2_normalize_codes). For fsq and lfq the codebook size is
+    # derived and config.model.n_embed must equal it: prod(fsq_levels), 2 ** embed_dim.
+    c.quantizer = ml_collections.ConfigDict(dict(
+        kind="vq",                      # vq | ema_vq | gumbel | fsq | lfq
+        ema_decay=0.99,                 # ema_vq: decay of the cluster-size / sum averages
+        ema_epsilon=1e-5,               # ema_vq: Laplace smoothing of the cluster sizes
+        restart_unused_steps=0,         # vq, ema_vq: re-seed a code unused this many train
+                                        #   steps from the batch's encoder outputs (0: off)
+        entropy_weight=0.0,             # vq, ema_vq, lfq: weight of per-sample entropy minus
+                                        #   entropy_gamma * batch entropy (MAGVIT-v2 lfq: 0.1)
+        entropy_temperature=0.01,       # vq, ema_vq, lfq: T of q = softmax(-||z - e||^2 / T)
+        entropy_gamma=1.0,              # vq, ema_vq, lfq: weight of the batch entropy in it
+        gumbel_tau_start=0.9,           # gumbel: temperature at step 0 (taming's f8 model)
+        gumbel_tau_end=1e-6,            # gumbel: temperature after the anneal
+        gumbel_anneal_steps=1_000_001,  # gumbel: steps of the cosine tau_start -> tau_end
+        gumbel_kl_weight=1e-8,          # gumbel: weight of KL(softmax(logits) || uniform)
+        fsq_levels=(8, 5, 5, 5),        # fsq: levels per channel (len = config.model.embed_dim)
+    ))
+
     # PatchGAN discriminator (models.discriminators.NLayerDiscriminator).
     c.disc = ml_collections.ConfigDict(dict(ndf=64, n_layers=3))
 

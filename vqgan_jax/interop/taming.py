@@ -484,7 +484,8 @@ def write_tokenizer_workdir(out: str, config: ml_collections.ConfigDict, convert
         d_batch_stats = jax.tree.map(jnp.asarray, converted["d_batch_stats"])
     state = stage1.TrainState(step=jnp.asarray(step, jnp.int32), g_params=g_params,
                               d_params=d_params, d_batch_stats=d_batch_stats,
-                              g_opt_state=sc.g_tx.init(g_params), d_opt_state=sc.d_tx.init(d_params))
+                              g_opt_state=sc.g_tx.init(g_params), d_opt_state=sc.d_tx.init(d_params),
+                              quantizer_stats=stage1.init_quantizer_stats(sc.vq, g_params))
     _save(_fresh_manager(out, field, ("state", "config")), step, state, config)
     return out
 

@@ -1,10 +1,42 @@
-"""Vector quantization with a learned codebook (van den Oord et al. 2017, VQ-VAE).
+"""The quantizer family: ``z_e -> (z_q, aux)`` with one interface, chosen by a config switch.
 
-The quantizer maps each encoder vector z_e to its nearest codebook entry e_k and passes
-gradients to the encoder with the straight-through estimator.
+Kinds (``config.quantizer.kind``, built by :func:`make_quantizer`):
+
+* ``vq``: nearest-neighbour vector quantization with a learned codebook and the
+  straight-through estimator (van den Oord et al. 2017, VQ-VAE); optional l2-normalized codes
+  (Yu et al. 2021) and dead-code restart.
+* ``ema_vq``: the same lookup, the codebook updated by exponential moving averages of the
+  vectors assigned to each code, with Laplace smoothing (van den Oord et al. 2017, appendix A.1;
+  Razavi et al. 2019) instead of by gradient.
+* ``gumbel``: Gumbel-softmax VQ (Jang et al. 2017; taming-transformers' ``GumbelQuantize``,
+  used by its f8 Gumbel model): logits over the codes, a hard one-hot sample forward, the
+  relaxed sample's gradient backward, and a KL term to the uniform prior.
+* ``fsq``: finite scalar quantization (Mentzer et al. 2023): each channel bounded and rounded
+  to a few levels; the codebook is the product grid, no parameters.
+* ``lfq``: lookup-free quantization (Yu et al. 2023, MAGVIT-v2): each channel's sign is a
+  bit; the codebook is ``{-1, 1}^embed_dim``, no parameters.
+
+Every quantizer has ``__call__(z_e, train=False, step=None) -> (z_q, aux)``, ``lookup(indices)
+-> z_q`` and ``n_codes`` (the vocabulary size stage 2 sees, equal to ``n_embed``). aux always
+holds ``indices`` (int32), the float32 scalars ``vq_loss`` (the total auxiliary loss, weighted by
+``codebook_weight`` in the trainer), ``codebook_loss``, ``commitment_loss``, ``entropy_loss``,
+``kl_loss`` (0.0 where a kind has no such term), ``perplexity`` and ``codebook_usage``, plus
+the kind's own scalars.
+
+Training-time state. Inference applies a tokenizer with ``{"params": g_params}`` only, so the
+codebook is always a parameter. What is not a parameter (EMA cluster sizes and sums, the
+steps each code has gone unused) lives in the mutable collection :data:`STATS`, which only the
+trainer passes (``mutable=[STATS]``). When ``train=True`` and that collection is mutable, a
+quantizer that replaces codebook rows outside the gradient (``ema_vq``, and ``vq`` with
+``restart_unused_steps > 0``) returns in aux ``codebook_update`` (float32[n_embed, embed_dim])
+and ``codebook_update_mask`` (bool[n_embed]); the trainer writes those rows into the codebook
+parameter after its optimizer update. Random draws in training (Gumbel noise, restart samples)
+come from the ``"quantizer"`` rng stream.
 """
 
-from typing import Any
+import dataclasses
+import math
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -12,9 +44,19 @@ import jax.numpy as jnp
 
 Dtype = Any
 
+STATS = "quantizer_stats"   # the mutable collection of quantizer training state
+RNG = "quantizer"           # the rng stream of Gumbel noise and restart samples
+KINDS = ("vq", "ema_vq", "gumbel", "fsq", "lfq")
+_HIGHEST = jax.lax.Precision.HIGHEST
+
 
 def _l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))
+
+
+def _entropy(probs: jax.Array, axis: int = -1) -> jax.Array:
+    """Entropy in nats of the distributions ``probs`` along ``axis``."""
+    return -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-10)), axis=axis)
 
 
 def codebook_stats(indices: jax.Array, n_embed: int) -> tuple[jax.Array, jax.Array]:
@@ -36,6 +78,42 @@ def codebook_stats(indices: jax.Array, n_embed: int) -> tuple[jax.Array, jax.Arr
     return perplexity, usage
 
 
+def entropy_terms(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mean per-sample entropy and batch entropy of ``softmax(logits)`` (nats, float32).
+
+    The entropy penalty of MaskGIT's tokenizer (Chang et al. 2022) and MAGVIT-v2 (Yu et al.
+    2023, eq. 5), ``L = E_z[H(q(z))] - gamma * H(E_z[q(z)])``: a small per-sample entropy makes
+    each vector's assignment confident, a large batch entropy spreads the batch over the codes.
+
+    Args:
+      logits: float[..., K]; every leading position is one sample.
+
+    Returns:
+      ``(per_sample_entropy, batch_entropy)``, float32 scalars in [0, log K].
+    """
+    logits = logits.astype(jnp.float32).reshape(-1, logits.shape[-1])
+    probs = jax.nn.softmax(logits, axis=-1)
+    per_sample = jnp.mean(-jnp.sum(probs * jax.nn.log_softmax(logits, axis=-1), axis=-1))
+    return per_sample, _entropy(jnp.mean(probs, axis=0))
+
+
+def _aux(indices: jax.Array, n_codes: int, **terms: jax.Array) -> dict[str, jax.Array]:
+    """The fixed aux dict: every standard loss term (0.0 if absent), vq_loss their sum."""
+    zero = jnp.zeros((), jnp.float32)
+    losses = {k: jnp.asarray(terms.pop(k, zero), jnp.float32)
+              for k in ("codebook_loss", "commitment_loss", "entropy_loss", "kl_loss")}
+    perplexity, usage = codebook_stats(indices, n_codes)
+    return dict(indices=indices.astype(jnp.int32), vq_loss=sum(losses.values()), **losses,
+                perplexity=perplexity, codebook_usage=usage,
+                **{k: jnp.asarray(v, jnp.float32) for k, v in terms.items()})
+
+
+def _check_channels(z_e: jax.Array, embed_dim: int) -> None:
+    if z_e.shape[-1] != embed_dim:
+        raise ValueError(f"z_e has {z_e.shape[-1]} channels; the quantizer expects "
+                         f"embed_dim={embed_dim}.")
+
+
 class VectorQuantizer(nn.Module):
     """Nearest-neighbour vector quantizer with the straight-through estimator.
 
@@ -48,19 +126,42 @@ class VectorQuantizer(nn.Module):
     means over all elements. (taming-transformers' legacy ``VectorQuantizer2`` puts beta on the
     codebook term instead; we follow the paper.)
 
+    Optional, both off by default:
+
+    * entropy loss (``entropy_weight > 0``): :func:`entropy_terms` of the soft assignments
+      ``softmax(-||z - e_k||^2 / entropy_temperature)``, added to vq_loss as
+      ``entropy_weight * (per_sample_entropy - entropy_gamma * batch_entropy)``.
+    * dead-code restart (``restart_unused_steps = N > 0``, training only): a code no vector
+      chose for N consecutive train steps is re-seeded with an encoder output of the current
+      batch drawn uniformly at random (Dhariwal et al. 2020, Jukebox, sec. 2.3 / Zeghidour et
+      al. 2021, SoundStream, sec. 3.3); its counter restarts at 0.
+
     Attributes:
       n_embed: codebook size K (>= 2).
       embed_dim: code dimension D.
       beta: commitment weight (0.25 in the papers).
       l2_normalize: if True, both z_e and the codebook are l2-normalized before the lookup
         (Yu et al. 2021, sec. 3.2); this keeps low-dimensional codebooks alive.
-      dtype: dtype of the returned z_q. Distances are always computed in float32.
+      dtype: dtype of the returned z_q. Distances and losses are always float32.
+      restart_unused_steps: N above; 0 turns restarts off.
+      entropy_weight, entropy_temperature, entropy_gamma: the entropy loss above.
     """
     n_embed: int
     embed_dim: int
     beta: float = 0.25
     l2_normalize: bool = False
     dtype: Dtype = jnp.float32
+    restart_unused_steps: int = 0
+    entropy_weight: float = 0.0
+    entropy_temperature: float = 0.01
+    entropy_gamma: float = 1.0
+
+    uses_ema = False  # class constant (not a field): EMAVectorQuantizer sets it
+
+    @property
+    def n_codes(self) -> int:
+        """Vocabulary size: n_embed."""
+        return self.n_embed
 
     def setup(self):
         # taming: nn.Embedding initialised U(-1/K, 1/K).
@@ -69,50 +170,495 @@ class VectorQuantizer(nn.Module):
         self.codebook = self.param(
             "codebook", nn.with_logical_partitioning(init, ("codebook_n", "codebook_d")),
             (self.n_embed, self.embed_dim), jnp.float32)
+        if self.is_mutable_collection(STATS):
+            self._declare_stats()
+
+    def _declare_stats(self) -> None:
+        """Declare the :data:`STATS` variables (called from setup while STATS is mutable).
+
+        ``unused_steps``: int32[n_embed], consecutive train steps each code went unchosen
+        (only with restart_unused_steps > 0).
+        """
+        if self.restart_unused_steps > 0:
+            self.unused_steps = self.variable(STATS, "unused_steps", jnp.zeros,
+                                              (self.n_embed,), jnp.int32)
+
+    @property
+    def _has_stats(self) -> bool:
+        return self.uses_ema or self.restart_unused_steps > 0
 
     def embeddings(self) -> jax.Array:
         """The codebook as used for lookup: float32[n_embed, embed_dim]."""
         codebook = jnp.asarray(self.codebook, jnp.float32)
         return _l2_normalize(codebook) if self.l2_normalize else codebook
 
-    def __call__(self, z_e: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def __call__(self, z_e: jax.Array, train: bool = False, step: jax.Array | None = None
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Quantize.
 
         Args:
           z_e: float[..., embed_dim], e.g. [B, h, w, D], the encoder output after quant_conv.
+          train: training mode: updates the :data:`STATS` collection when it is mutable
+            (restart needs the ``"quantizer"`` rng then).
+          step: unused (the interface's train step).
 
         Returns:
           ``(z_q, aux)``: z_q has z_e's shape and ``self.dtype``, equal in value to the chosen
-          codes and in gradient to z_e (straight-through). aux holds ``indices``
-          (int32[...]), ``codebook_loss`` and ``commitment_loss`` (float32 scalars, the
-          second already multiplied by beta), ``vq_loss`` (their sum), ``perplexity`` and
-          ``codebook_usage`` over the batch (see :func:`codebook_stats`).
+          codes and in gradient to z_e (straight-through; through the normalization when
+          l2_normalize). aux holds ``indices`` (int32[...]), ``codebook_loss`` and
+          ``commitment_loss`` (float32 scalars, the second already multiplied by beta),
+          ``entropy_loss``, ``kl_loss`` (0), ``vq_loss`` (their sum), ``perplexity`` and
+          ``codebook_usage`` over the batch (see :func:`codebook_stats`),
+          ``per_sample_entropy`` and ``batch_entropy`` (nats; 0 when entropy_weight is 0),
+          ``restarted_codes`` (codes re-seeded this step); and in a training step that
+          updates the codebook, ``codebook_update``/``codebook_update_mask`` (module doc).
 
         Raises:
           ValueError: if z_e's last dimension is not embed_dim.
         """
-        if z_e.shape[-1] != self.embed_dim:
-            raise ValueError(f"z_e has {z_e.shape[-1]} channels; the quantizer expects "
-                             f"embed_dim={self.embed_dim}.")
+        _check_channels(z_e, self.embed_dim)
         z = z_e.astype(jnp.float32)
         if self.l2_normalize:
             z = _l2_normalize(z)
         codebook = self.embeddings()
+        if self.uses_ema:  # the EMA, not the gradient, moves the codebook
+            codebook = jax.lax.stop_gradient(codebook)
         # ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2, in float32 at full matmul precision.
-        dots = jnp.einsum("...d,kd->...k", z, codebook, precision=jax.lax.Precision.HIGHEST)
+        dots = jnp.einsum("...d,kd->...k", z, codebook, precision=_HIGHEST)
         distances = (jnp.sum(z * z, axis=-1, keepdims=True) - 2.0 * dots
                      + jnp.sum(codebook * codebook, axis=-1))
         indices = jnp.argmin(distances, axis=-1).astype(jnp.int32)
         e = jnp.take(codebook, indices, axis=0)
-        codebook_loss = jnp.mean((jax.lax.stop_gradient(z) - e) ** 2)
-        commitment_loss = self.beta * jnp.mean((z - jax.lax.stop_gradient(e)) ** 2)
+        terms = dict(commitment_loss=self.beta * jnp.mean((z - jax.lax.stop_gradient(e)) ** 2))
+        if not self.uses_ema:
+            terms["codebook_loss"] = jnp.mean((jax.lax.stop_gradient(z) - e) ** 2)
+        per_sample = batch = jnp.zeros((), jnp.float32)
+        if self.entropy_weight > 0:
+            per_sample, batch = entropy_terms(-distances / self.entropy_temperature)
+            terms["entropy_loss"] = self.entropy_weight * (per_sample - self.entropy_gamma * batch)
         z_q = z + jax.lax.stop_gradient(e - z)
-        perplexity, usage = codebook_stats(indices, self.n_embed)
-        aux = dict(indices=indices, codebook_loss=codebook_loss,
-                   commitment_loss=commitment_loss, vq_loss=codebook_loss + commitment_loss,
-                   perplexity=perplexity, codebook_usage=usage)
-        return z_q.astype(self.dtype), aux
+
+        update = {}
+        restarted = jnp.zeros((), jnp.float32)
+        if train and self._has_stats and self.is_mutable_collection(STATS):
+            update, restarted = self._update_stats(jax.lax.stop_gradient(z), indices)
+        aux = _aux(indices, self.n_embed, **terms, per_sample_entropy=per_sample,
+                   batch_entropy=batch, restarted_codes=restarted)
+        return z_q.astype(self.dtype), dict(aux, **update)
+
+    def _ema_update(self, flat_z: jax.Array, flat_idx: jax.Array, counts: jax.Array
+                    ) -> jax.Array:  # EMAVectorQuantizer's; plain VQ has no EMA
+        raise NotImplementedError
+
+    def _update_stats(self, z: jax.Array, indices: jax.Array
+                      ) -> tuple[dict[str, jax.Array], jax.Array]:
+        """Advance the STATS variables by one train step; the codebook rows to write."""
+        flat_z = z.reshape(-1, self.embed_dim)
+        flat_idx = indices.reshape(-1)
+        counts = jnp.zeros((self.n_embed,), jnp.float32).at[flat_idx].add(1.0)
+        if self.uses_ema:
+            new_codebook = self._ema_update(flat_z, flat_idx, counts)
+            mask = jnp.ones((self.n_embed,), bool)
+        else:
+            new_codebook = jnp.zeros((self.n_embed, self.embed_dim), jnp.float32)
+            mask = jnp.zeros((self.n_embed,), bool)
+        restarted = jnp.zeros((), jnp.float32)
+        if self.restart_unused_steps > 0:
+            unused = jnp.where(counts > 0, 0, self.unused_steps.value + 1)
+            dead = unused >= self.restart_unused_steps
+            picks = jax.random.randint(self.make_rng(RNG), (self.n_embed,), 0, flat_z.shape[0])
+            samples = jnp.take(flat_z, picks, axis=0)
+            new_codebook = jnp.where(dead[:, None], samples, new_codebook)
+            mask = mask | dead
+            self.unused_steps.value = jnp.where(dead, 0, unused).astype(jnp.int32)
+            if self.uses_ema:  # a re-seeded code starts as one vector's worth of statistics
+                self.cluster_size.value = jnp.where(dead, 1.0, self.cluster_size.value)
+                self.embed_sum.value = jnp.where(dead[:, None], samples, self.embed_sum.value)
+            restarted = jnp.sum(dead.astype(jnp.float32))
+        return dict(codebook_update=new_codebook, codebook_update_mask=mask), restarted
 
     def lookup(self, indices: jax.Array) -> jax.Array:
         """Codes for ``indices``: int[...] in [0, n_embed) -> self.dtype[..., embed_dim]."""
         return jnp.take(self.embeddings(), indices, axis=0).astype(self.dtype)
+
+
+class EMAVectorQuantizer(VectorQuantizer):
+    """:class:`VectorQuantizer` whose codebook follows exponential moving averages.
+
+    van den Oord et al. 2017, appendix A.1 (eq. 6-8), with the Laplace smoothing of the
+    cluster sizes used by Sonnet's VQ-VAE-EMA. Per train step, with n_k the number of batch
+    vectors assigned to code k, s_k their sum, n = sum_k n_k, decay d, epsilon eps::
+
+        N_k <- d N_k + (1 - d) n_k           m_k <- d m_k + (1 - d) s_k
+        N~_k = (N_k + eps) / (sum_j N_j + K eps) * sum_j N_j       (Laplace smoothing)
+        e_k <- m_k / N~_k
+
+    N (``cluster_size``, float32[K]) and m (``embed_sum``, float32[K, D]) live in
+    :data:`STATS`, initialised to 1 and to the initial codebook (so a code never chosen keeps
+    its value, shrinking by d^t / N~_k ~ 1, instead of collapsing to 0). The codebook gets no
+    gradient (codebook_loss is 0); the trainer writes e into the parameter. With l2_normalize
+    the averages are of normalized vectors, and lookups normalize e. Restarted codes (if
+    restart_unused_steps > 0) reset to N_k = 1, m_k = the sample.
+
+    Attributes (besides :class:`VectorQuantizer`'s):
+      ema_decay: d in (0, 1) (0.99 in van den Oord et al.).
+      ema_epsilon: eps > 0 of the Laplace smoothing (1e-5).
+    """
+    ema_decay: float = 0.99
+    ema_epsilon: float = 1e-5
+
+    uses_ema = True
+
+    def _declare_stats(self) -> None:
+        """As :meth:`VectorQuantizer._declare_stats`, plus ``cluster_size`` float32[K] (ones) and
+        ``embed_sum`` float32[K, D] (the codebook parameter's value)."""
+        super()._declare_stats()
+        self.cluster_size = self.variable(STATS, "cluster_size", jnp.ones,
+                                          (self.n_embed,), jnp.float32)
+        self.embed_sum = self.variable(STATS, "embed_sum",
+                                       lambda: jnp.array(self.codebook, jnp.float32, copy=True))
+
+    def _ema_update(self, flat_z: jax.Array, flat_idx: jax.Array, counts: jax.Array) -> jax.Array:
+        d, eps, k = self.ema_decay, self.ema_epsilon, self.n_embed
+        sums = jnp.zeros((k, self.embed_dim), jnp.float32).at[flat_idx].add(flat_z)
+        cluster_size = d * self.cluster_size.value + (1.0 - d) * counts
+        embed_sum = d * self.embed_sum.value + (1.0 - d) * sums
+        self.cluster_size.value, self.embed_sum.value = cluster_size, embed_sum
+        total = jnp.sum(cluster_size)
+        smoothed = (cluster_size + eps) / (total + k * eps) * total
+        return embed_sum / smoothed[:, None]
+
+
+class GumbelQuantizer(nn.Module):
+    """Gumbel-softmax VQ (Jang et al. 2017; taming-transformers' ``GumbelQuantize``).
+
+    A 1x1 projection (``proj``, Dense embed_dim -> n_embed) gives logits l over the codes. In
+    training, y = softmax((l + g) / tau) with Gumbel noise g (rng stream ``"quantizer"``); the
+    forward pass uses the hard one-hot of argmax y and the backward pass the gradient of y
+    (straight-through Gumbel-softmax, Jang et al. 2017 sec. 2.2), so
+    ``z_q = (onehot + y - sg[y]) @ codebook``. The temperature tau follows a cosine from
+    ``gumbel_tau_start`` at step 0 to ``gumbel_tau_end`` at ``gumbel_anneal_steps`` (taming's
+    ``LambdaWarmUpCosineScheduler`` without warm-up). Outside training the code is the argmax of
+    l, deterministically (taming still samples noise there). Loss (taming)::
+
+        kl_loss = gumbel_kl_weight * mean_positions sum_k q_k log(q_k K),   q = softmax(l)
+
+    i.e. KL(q || uniform); vq_loss = kl_loss.
+
+    Attributes:
+      n_embed: codebook size K. embed_dim: code dimension D.
+      beta, l2_normalize: unused (the factory's common arguments); l2_normalize must be False.
+      dtype: dtype of z_q; logits and losses are float32.
+      gumbel_tau_start, gumbel_tau_end: temperatures (> 0).
+      gumbel_anneal_steps: steps of the cosine; 0 keeps tau_start throughout.
+      gumbel_kl_weight: weight of the KL term.
+    """
+    n_embed: int
+    embed_dim: int
+    beta: float = 0.25
+    l2_normalize: bool = False
+    dtype: Dtype = jnp.float32
+    gumbel_tau_start: float = 0.9
+    gumbel_tau_end: float = 1e-6
+    gumbel_anneal_steps: int = 1_000_001
+    gumbel_kl_weight: float = 1e-8
+
+    @property
+    def n_codes(self) -> int:
+        """Vocabulary size: n_embed."""
+        return self.n_embed
+
+    def setup(self):
+        # torch nn.Embedding's N(0, 1), as taming's GumbelQuantize leaves it.
+        self.codebook = self.param(
+            "codebook", nn.with_logical_partitioning(nn.initializers.normal(1.0),
+                                                     ("codebook_n", "codebook_d")),
+            (self.n_embed, self.embed_dim), jnp.float32)
+        self.proj = nn.Dense(self.n_embed, dtype=jnp.float32, name="proj")
+
+    def temperature(self, step: jax.Array | None) -> jax.Array:
+        """tau at train step ``step`` (float32 scalar); tau_start when step is None."""
+        if step is None or self.gumbel_anneal_steps <= 0:
+            return jnp.asarray(self.gumbel_tau_start, jnp.float32)
+        t = jnp.minimum(jnp.asarray(step, jnp.float32) / self.gumbel_anneal_steps, 1.0)
+        lo, hi = self.gumbel_tau_end, self.gumbel_tau_start
+        return lo + 0.5 * (hi - lo) * (1.0 + jnp.cos(jnp.pi * t))
+
+    def __call__(self, z_e: jax.Array, train: bool = False, step: jax.Array | None = None
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Quantize.
+
+        Args:
+          z_e: float[..., embed_dim].
+          train: sample (needs the ``"quantizer"`` rng) instead of taking the argmax.
+          step: int32 scalar train step, for the temperature (None: gumbel_tau_start).
+
+        Returns:
+          ``(z_q, aux)``: z_q self.dtype[..., embed_dim], exactly codebook rows; aux as
+          :class:`VectorQuantizer`'s standard keys (``kl_loss`` the only nonzero loss) plus
+          ``temperature``.
+
+        Raises:
+          ValueError: if z_e's last dimension is not embed_dim.
+        """
+        _check_channels(z_e, self.embed_dim)
+        logits = self.proj(z_e.astype(jnp.float32))
+        tau = self.temperature(step)
+        if train:
+            one_hot, indices = gumbel_softmax_st(logits, self.make_rng(RNG), tau)
+            z_q = jnp.einsum("...k,kd->...d", one_hot, self.codebook, precision=_HIGHEST)
+        else:
+            indices = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            z_q = jnp.take(self.codebook, indices, axis=0)
+        q = jax.nn.softmax(logits, axis=-1)
+        kl = self.gumbel_kl_weight * jnp.mean(
+            jnp.sum(q * jnp.log(q * self.n_embed + 1e-10), axis=-1))
+        return z_q.astype(self.dtype), _aux(indices, self.n_embed, kl_loss=kl, temperature=tau)
+
+    def lookup(self, indices: jax.Array) -> jax.Array:
+        """Codes for ``indices``: int[...] in [0, n_embed) -> self.dtype[..., embed_dim]."""
+        return jnp.take(self.codebook, indices, axis=0).astype(self.dtype)
+
+
+def gumbel_softmax_st(logits: jax.Array, key: jax.Array, tau: jax.Array | float
+                      ) -> tuple[jax.Array, jax.Array]:
+    """Straight-through Gumbel-softmax sample (Jang et al. 2017, sec. 2.2).
+
+    Args:
+      logits: float[..., K].
+      key: PRNG key of the Gumbel noise g ~ Gumbel(0, 1), shaped like logits.
+      tau: temperature > 0.
+
+    Returns:
+      ``(one_hot, indices)``: float32[..., K] equal in value to the one-hot of
+      ``indices = argmax(logits + g)`` (int32[...]) and in gradient to
+      ``y = softmax((logits + g) / tau)``.
+    """
+    logits = logits.astype(jnp.float32)
+    noisy = logits + jax.random.gumbel(key, logits.shape, jnp.float32)
+    y = jax.nn.softmax(noisy / tau, axis=-1)
+    indices = jnp.argmax(noisy, axis=-1).astype(jnp.int32)
+    hard = jax.nn.one_hot(indices, logits.shape[-1], dtype=jnp.float32)
+    return hard + y - jax.lax.stop_gradient(y), indices
+
+
+class FSQuantizer(nn.Module):
+    """Finite scalar quantization (Mentzer et al. 2023, sec. 3; their reference code).
+
+    Channel i (of D = len(fsq_levels)) with L_i levels is bounded and rounded::
+
+        half_l = (L_i - 1)(1 + 1e-3) / 2,   offset = 0.5 if L_i even else 0
+        z_b = tanh(z + atanh(offset / half_l)) * half_l - offset
+        z_q = round_ste(z_b) / (L_i // 2)
+
+    so z_q takes the L_i values ``(j - L_i // 2) / (L_i // 2)``, j in [0, L_i), in [-1, 1].
+    (The reference code shifts by tan(offset / half_l); atanh is the shift that makes
+    z = 0 land between the two middle levels, as the paper intends.) Gradients pass straight
+    through the rounding: dz_q/dz = half_l (1 - tanh^2(z + shift)) / (L_i // 2). The codebook
+    is the grid, ``n_codes = prod(fsq_levels)``; index = sum_i j_i prod_{l<i} L_l (channel 0
+    least significant). No parameters, no losses (all aux losses 0).
+
+    Attributes:
+      n_embed: must equal prod(fsq_levels). embed_dim: must equal len(fsq_levels).
+      beta, l2_normalize: unused (the factory's common arguments); l2_normalize must be False.
+      dtype: dtype of z_q.
+      fsq_levels: levels per channel, each >= 2 (the paper's (8, 5, 5, 5) has 1000 codes).
+    """
+    n_embed: int
+    embed_dim: int
+    beta: float = 0.25
+    l2_normalize: bool = False
+    dtype: Dtype = jnp.float32
+    fsq_levels: Sequence[int] = (8, 5, 5, 5)
+
+    @property
+    def n_codes(self) -> int:
+        """Vocabulary size: prod(fsq_levels)."""
+        return math.prod(self.fsq_levels)
+
+    def _levels(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        levels = jnp.asarray(self.fsq_levels, jnp.int32)
+        basis = jnp.asarray([math.prod(self.fsq_levels[:i]) for i in range(len(self.fsq_levels))],
+                            jnp.int32)
+        return levels, levels // 2, basis
+
+    def __call__(self, z_e: jax.Array, train: bool = False, step: jax.Array | None = None
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Quantize ``z_e: float[..., embed_dim]`` -> ``(z_q, aux)``, z_q on the level grid in
+        [-1, 1] (self.dtype); aux with the standard keys (losses 0). train, step: unused.
+
+        Raises:
+          ValueError: if z_e's last dimension is not embed_dim.
+        """
+        _check_channels(z_e, self.embed_dim)
+        levels, half_width, basis = self._levels()
+        z = z_e.astype(jnp.float32)
+        half_l = (levels - 1).astype(jnp.float32) * (1.0 + 1e-3) / 2.0
+        offset = jnp.where(levels % 2 == 0, 0.5, 0.0)
+        bounded = jnp.tanh(z + jnp.arctanh(offset / half_l)) * half_l - offset
+        rounded = bounded + jax.lax.stop_gradient(jnp.round(bounded) - bounded)
+        z_q = rounded / half_width
+        indices = self.codes_to_indices(jax.lax.stop_gradient(z_q))
+        return z_q.astype(self.dtype), _aux(indices, self.n_codes)
+
+    def codes_to_indices(self, codes: jax.Array) -> jax.Array:
+        """Inverse of :meth:`lookup`: float[..., D] on the level grid -> int32[...]."""
+        levels, half_width, basis = self._levels()
+        digits = jnp.round(codes.astype(jnp.float32) * half_width).astype(jnp.int32) + half_width
+        return jnp.sum(digits * basis, axis=-1).astype(jnp.int32)
+
+    def lookup(self, indices: jax.Array) -> jax.Array:
+        """Codes for ``indices``: int[...] in [0, prod(fsq_levels)) -> self.dtype[..., D] in
+        [-1, 1]."""
+        levels, half_width, basis = self._levels()
+        digits = (jnp.asarray(indices, jnp.int32)[..., None] // basis) % levels
+        return ((digits - half_width) / half_width).astype(self.dtype)
+
+
+class LFQuantizer(nn.Module):
+    """Lookup-free quantization (Yu et al. 2023, MAGVIT-v2, sec. 3.1).
+
+    Each channel becomes one bit: ``z_q = sign(z)`` in {-1, 1}^D (0 maps to -1), with the
+    straight-through gradient ``dz_q/dz = 1``; index = sum_i [z_i > 0] 2^(D-1-i) (channel 0 the
+    most significant bit), so ``n_codes = 2 ** embed_dim``. Losses::
+
+        commitment_loss = beta * mean (z - sg[z_q])^2
+        entropy_loss = entropy_weight * (E_z[H(q(z))] - entropy_gamma * H(E_z[q(z)]))  (eq. 5)
+        q(c | z) = softmax_c(-||z - c||^2 / entropy_temperature)  over c in {-1, 1}^D
+
+    q factorizes over channels (q(c_i = 1 | z_i) = sigmoid(4 z_i / T)), so the per-sample
+    entropy is a sum of D binary entropies; the batch entropy H(E_z[q]) is computed exactly
+    over all 2^D codes, which costs float32[N, 2^D] memory for N vectors (computed only when
+    entropy_weight > 0; keep embed_dim <= ~14 with the entropy loss on).
+
+    Attributes:
+      n_embed: must equal 2 ** embed_dim. embed_dim: D, the bits per code.
+      beta: commitment weight. l2_normalize: must be False.
+      dtype: dtype of z_q; losses are float32.
+      entropy_weight, entropy_temperature, entropy_gamma: as above (MAGVIT-v2: 0.1, -, 1).
+    """
+    n_embed: int
+    embed_dim: int
+    beta: float = 0.25
+    l2_normalize: bool = False
+    dtype: Dtype = jnp.float32
+    entropy_weight: float = 0.0
+    entropy_temperature: float = 0.01
+    entropy_gamma: float = 1.0
+
+    @property
+    def n_codes(self) -> int:
+        """Vocabulary size: 2 ** embed_dim."""
+        return 2 ** self.embed_dim
+
+    def _bits(self) -> jax.Array:
+        """int32[D] place values, most significant first."""
+        return 2 ** jnp.arange(self.embed_dim - 1, -1, -1, dtype=jnp.int32)
+
+    def entropy_terms(self, z: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``(per_sample_entropy, batch_entropy)`` in nats of q(c | z) for z float[..., D]."""
+        z = z.astype(jnp.float32).reshape(-1, self.embed_dim)
+        logit = 4.0 * z / self.entropy_temperature           # log q(1|z_i) - log q(-1|z_i)
+        log_p, log_m = jax.nn.log_sigmoid(logit), jax.nn.log_sigmoid(-logit)
+        per_sample = jnp.mean(-jnp.sum(jnp.exp(log_p) * log_p + jnp.exp(log_m) * log_m, -1))
+        codes = ((jnp.arange(self.n_codes)[:, None] // self._bits()) % 2).astype(jnp.float32)
+        log_q = (jnp.einsum("nd,kd->nk", log_p, codes, precision=_HIGHEST)
+                 + jnp.einsum("nd,kd->nk", log_m, 1.0 - codes, precision=_HIGHEST))
+        return per_sample, _entropy(jnp.mean(jnp.exp(log_q), axis=0))
+
+    def __call__(self, z_e: jax.Array, train: bool = False, step: jax.Array | None = None
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Quantize ``z_e: float[..., embed_dim]`` -> ``(z_q, aux)``: z_q in {-1, 1}
+        (self.dtype); aux with the standard keys plus ``per_sample_entropy`` and
+        ``batch_entropy`` (nats; 0 when entropy_weight is 0). train, step: unused.
+
+        Raises:
+          ValueError: if z_e's last dimension is not embed_dim.
+        """
+        _check_channels(z_e, self.embed_dim)
+        z = z_e.astype(jnp.float32)
+        positive = z > 0
+        codes = jnp.where(positive, 1.0, -1.0)
+        z_q = z + jax.lax.stop_gradient(codes - z)
+        indices = jnp.sum(positive.astype(jnp.int32) * self._bits(), axis=-1)
+        terms = dict(commitment_loss=self.beta * jnp.mean((z - codes) ** 2))
+        per_sample = batch = jnp.zeros((), jnp.float32)
+        if self.entropy_weight > 0:
+            per_sample, batch = self.entropy_terms(z)
+            terms["entropy_loss"] = self.entropy_weight * (per_sample - self.entropy_gamma * batch)
+        return z_q.astype(self.dtype), _aux(indices, self.n_codes, **terms,
+                                            per_sample_entropy=per_sample, batch_entropy=batch)
+
+    def lookup(self, indices: jax.Array) -> jax.Array:
+        """Codes for ``indices``: int[...] in [0, 2**D) -> self.dtype[..., D] in {-1, 1}."""
+        bits = (jnp.asarray(indices, jnp.int32)[..., None] // self._bits()) % 2
+        return (2.0 * bits - 1.0).astype(self.dtype)
+
+
+_CLASSES = {"vq": VectorQuantizer, "ema_vq": EMAVectorQuantizer, "gumbel": GumbelQuantizer,
+            "fsq": FSQuantizer, "lfq": LFQuantizer}
+_COMMON = ("n_embed", "embed_dim", "beta", "l2_normalize", "dtype", "parent", "name")
+
+
+def knob_names() -> set[str]:
+    """Every kind-specific field any quantizer has (the knobs of ``config.quantizer``)."""
+    return {f.name for cls in _CLASSES.values() for f in dataclasses.fields(cls)} - set(_COMMON)
+
+
+def make_quantizer(kind: str, n_embed: int, embed_dim: int, beta: float = 0.25,
+                   l2_normalize: bool = False, dtype: Dtype = jnp.float32, name: str | None = None,
+                   **knobs: Any) -> nn.Module:
+    """The quantizer module of ``kind`` (see the module docstring).
+
+    Args:
+      kind: one of :data:`KINDS` (``config.quantizer.kind``).
+      n_embed: codebook size; for fsq and lfq it must equal the derived size
+        (prod(fsq_levels), 2**embed_dim).
+      embed_dim: code dimension (for fsq, len(fsq_levels)).
+      beta: commitment weight (vq, ema_vq, lfq).
+      l2_normalize: l2-normalized codes (vq, ema_vq only).
+      dtype: dtype of z_q.
+      name: the module's name (VQModel uses "quantize").
+      **knobs: the other ``config.quantizer`` fields; those the kind has no field for are
+        ignored (a config carries every kind's knobs).
+
+    Returns:
+      An unbound flax module with ``__call__(z_e, train=False, step=None) -> (z_q, aux)``,
+      ``lookup(indices)`` and ``n_codes``.
+
+    Raises:
+      ValueError: for an unknown kind or knob name, l2_normalize with a kind that has no
+        codebook to normalize, or an n_embed / embed_dim that disagrees with the kind.
+    """
+    if kind not in _CLASSES:
+        raise ValueError(f"config.quantizer.kind={kind!r} is not a quantizer; use one of "
+                         f"{list(KINDS)}.")
+    unknown = set(knobs) - knob_names()
+    if unknown:
+        raise ValueError(f"unknown config.quantizer field(s) {sorted(unknown)}; the quantizers "
+                         f"take {sorted(knob_names())}.")
+    cls = _CLASSES[kind]
+    own = {f.name for f in dataclasses.fields(cls)}
+    knobs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in knobs.items() if k in own}
+    if l2_normalize and kind in ("gumbel", "fsq", "lfq"):
+        raise ValueError(f"config.model.l2_normalize_codes=True has no meaning for the {kind} "
+                         "quantizer; set it to False.")
+    module = cls(n_embed=n_embed, embed_dim=embed_dim, beta=beta, l2_normalize=l2_normalize,
+                 dtype=dtype, name=name, **knobs)
+    if kind == "fsq" and embed_dim != len(module.fsq_levels):
+        raise ValueError(f"config.model.embed_dim={embed_dim} must equal "
+                         f"len(config.quantizer.fsq_levels)={len(module.fsq_levels)}.")
+    if module.n_codes != n_embed:
+        raise ValueError(f"config.model.n_embed={n_embed}, but the {kind} quantizer has "
+                         f"{module.n_codes} codes; set config.model.n_embed={module.n_codes}.")
+    return module
+
+
+def quantizer_fields(quantizer: Any) -> tuple[tuple[str, Any], ...]:
+    """``config.quantizer`` (a ConfigDict, a mapping, or None for plain VQ) as the hashable
+    sorted ``((name, value), ...)`` that :class:`vqgan_jax.models.vqgan.VQModel` takes
+    (lists, as a config read back from JSON has them, become tuples)."""
+    if quantizer is None:
+        return ()
+    items = quantizer.to_dict() if hasattr(quantizer, "to_dict") else dict(quantizer)
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in items.items()))

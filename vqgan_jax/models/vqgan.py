@@ -1,6 +1,6 @@
 """The convolutional VQGAN tokenizer (Esser et al. 2021, "Taming Transformers", sec. 3.1).
 
-``x -> Encoder -> quant_conv -> z_e -> VectorQuantizer -> z_q -> post_quant_conv -> Decoder
+``x -> Encoder -> quant_conv -> z_e -> quantizer -> z_q -> post_quant_conv -> Decoder
 -> x_hat``. The layout is taming-transformers' ``VQModel`` parameter for parameter; submodule
 names turn taming's dotted keys into flax paths by joining ``down.i.block.j`` /
 ``down.i.attn.j`` / ``down.i.downsample`` (and ``up.*``) into one module name
@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from vqgan_jax.models.blocks import AttnBlock, Downsample, ResnetBlock, Upsample, conv, group_norm
-from vqgan_jax.models.quantizers import VectorQuantizer
+from vqgan_jax.models.quantizers import make_quantizer
 
 Dtype = Any
 
@@ -140,6 +140,10 @@ class VQModel(nn.Module):
       n_embed: codebook size.
       beta: commitment weight of the VQ loss.
       l2_normalize_codes: l2-normalize codes and encoder outputs before lookup.
+      quantizer: ``config.quantizer`` as sorted ``((name, value), ...)``
+        (:func:`vqgan_jax.models.quantizers.quantizer_fields`): ``kind`` and its knobs, built
+        by :func:`vqgan_jax.models.quantizers.make_quantizer`; ``()`` is plain VQ. Every kind
+        is the submodule ``quantize``; plain VQ's parameters are exactly taming's.
       norm_groups: GroupNorm groups (32 in taming).
       dtype: compute dtype (parameters are float32; quantizer distances run in float32).
 
@@ -158,6 +162,7 @@ class VQModel(nn.Module):
     l2_normalize_codes: bool = False
     dropout: float = 0.0
     norm_groups: int = 32
+    quantizer: tuple = ()
     dtype: Dtype = jnp.float32
 
     def setup(self):
@@ -169,22 +174,26 @@ class VQModel(nn.Module):
         self.decoder = Decoder(**layout)
         self.quant_conv = conv(self.embed_dim, 1, dtype=self.dtype)
         self.post_quant_conv = conv(self.z_channels, 1, dtype=self.dtype)
-        self.quantize = VectorQuantizer(self.n_embed, self.embed_dim, self.beta,
-                                        self.l2_normalize_codes, self.dtype)
+        knobs = dict(self.quantizer)
+        self.quantize = make_quantizer(knobs.pop("kind", "vq"), self.n_embed, self.embed_dim,
+                                       self.beta, self.l2_normalize_codes, self.dtype, **knobs)
 
     @property
     def downsample_factor(self) -> int:
         """f: image side / code-grid side."""
         return 2 ** (len(self.ch_mult) - 1)
 
-    def encode(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def encode(self, x: jax.Array, train: bool = False, step: jax.Array | None = None
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """``x: [B, H, W, 3] in [-1, 1] -> (z_q: [B, H/f, W/f, embed_dim], aux)``.
 
+        ``step`` (int32 scalar, the train step) reaches the quantizer (Gumbel temperature).
         aux: ``z_e`` (the pre-quantization vectors) and the quantizer's aux
-        (indices, codebook_loss, commitment_loss, vq_loss, perplexity, codebook_usage).
+        (indices, codebook_loss, commitment_loss, vq_loss, perplexity, codebook_usage, and
+        the kind's own terms; :mod:`vqgan_jax.models.quantizers`).
         """
         z_e = self.quant_conv(self.encoder(x, train))
-        z_q, aux = self.quantize(z_e)
+        z_q, aux = self.quantize(z_e, train, step)
         return z_q, dict(aux, z_e=z_e)
 
     def decoder_features(self, z_q: jax.Array, train: bool = False) -> jax.Array:
@@ -203,7 +212,8 @@ class VQModel(nn.Module):
         """``int[B, h, w]`` in [0, n_embed) -> images ``[B, h*f, w*f, 3]``."""
         return self.decode(self.quantize.lookup(indices))
 
-    def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def __call__(self, x: jax.Array, train: bool = False, step: jax.Array | None = None
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Reconstruct: ``x -> (x_hat, aux)`` with aux as in :meth:`encode`, plus ``z_q``."""
-        z_q, aux = self.encode(x, train)
+        z_q, aux = self.encode(x, train, step)
         return self.decode(z_q, train), dict(aux, z_q=z_q)

@@ -29,6 +29,7 @@ from absl import logging
 from vqgan_jax import losses, parallel
 from vqgan_jax import metrics as metrics_lib
 from vqgan_jax.data import pipeline, sources
+from vqgan_jax.models import quantizers
 from vqgan_jax.models.discriminators import NLayerDiscriminator
 from vqgan_jax.models.lpips import load_lpips_params, lpips_fn
 from vqgan_jax.models.vqgan import VQModel
@@ -46,6 +47,9 @@ class TrainState:
     d_batch_stats: Any              # BatchNorm running statistics
     g_opt_state: optax.OptState
     d_opt_state: optax.OptState
+    # The quantizer's training state (models.quantizers.STATS: EMA cluster sizes and sums,
+    # steps each code went unused); {} for plain VQ. Inference never reads it.
+    quantizer_stats: Any = flax.struct.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +75,8 @@ class StepConfig:
 def build_models(config: ml_collections.ConfigDict) -> tuple[VQModel, NLayerDiscriminator]:
     """The tokenizer and discriminator described by ``config.model`` / ``config.disc``."""
     dtype = DTYPES[config.dtype]
-    vq = VQModel(**config.model.to_dict(), resolution=config.image_size, dtype=dtype)
+    vq = VQModel(**config.model.to_dict(), resolution=config.image_size, dtype=dtype,
+                 quantizer=quantizers.quantizer_fields(config.get("quantizer")))
     disc = NLayerDiscriminator(**config.disc.to_dict(), dtype=dtype)
     return vq, disc
 
@@ -93,19 +98,42 @@ def init_state(rng: jax.Array, sc: StepConfig, image_size: int) -> TrainState:
     """Fresh parameters and optimizer states (float32), unboxed from their logical axes."""
     g_rng, d_rng = jax.random.split(rng)
     x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    g_params = nn.meta.unbox(sc.vq.init(g_rng, x)["params"])
+    g_vars = nn.meta.unbox(sc.vq.init(g_rng, x))
+    g_params = g_vars["params"]
     d_vars = nn.meta.unbox(sc.disc.init(d_rng, x, train=False))
     return TrainState(step=jnp.zeros((), jnp.int32), g_params=g_params,
                       d_params=d_vars["params"], d_batch_stats=d_vars["batch_stats"],
-                      g_opt_state=sc.g_tx.init(g_params), d_opt_state=sc.d_tx.init(d_vars["params"]))
+                      g_opt_state=sc.g_tx.init(g_params),
+                      d_opt_state=sc.d_tx.init(d_vars["params"]),
+                      quantizer_stats=g_vars.get(quantizers.STATS, {}))
+
+
+def init_quantizer_stats(vq: VQModel, g_params: Any) -> Any:
+    """Fresh :attr:`TrainState.quantizer_stats` for the codebook in ``g_params`` (e.g. one
+    converted from taming): EMA sums start at that codebook. ``{}`` for plain VQ."""
+    # Any call of the quantizer runs its setup, which declares the statistics while mutable.
+    _, variables = vq.apply({"params": g_params},
+                            method=lambda m: m.quantize(jnp.zeros((1, m.embed_dim))),
+                            mutable=[quantizers.STATS])
+    return variables.get(quantizers.STATS, {})
+
+
+def _write_codebook(g_params: Any, update: dict[str, Any]) -> Any:
+    """Write the codebook rows the quantizer replaced outside the gradient (EMA, restarts)."""
+    if "codebook_update" not in update:
+        return g_params
+    q = g_params["quantize"]
+    codebook = jnp.where(update["codebook_update_mask"][:, None], update["codebook_update"],
+                         q["codebook"])
+    return dict(g_params, quantize=dict(q, codebook=codebook))
 
 
 def _last_layer(model: VQModel, h: jax.Array) -> jax.Array:
     return model.decoder.conv_out(h)
 
 
-def compute_grads(state: TrainState, batch: dict[str, jax.Array], lpips_params: Any,
-                  sc: StepConfig) -> tuple[Any, Any, Any, dict[str, jax.Array]]:
+def compute_grads(state: TrainState, batch: dict[str, jax.Array], lpips_params: Any, sc: StepConfig
+                  ) -> tuple[Any, Any, Any, dict[str, jax.Array], dict[str, Any]]:
     """Generator and discriminator gradients for one batch (Esser et al. 2021, eq. 5-7).
 
     Generator loss (taming's VQLPIPSWithDiscriminator, optimizer 0)::
@@ -125,22 +153,32 @@ def compute_grads(state: TrainState, batch: dict[str, jax.Array], lpips_params: 
       sc: static step configuration.
 
     Returns:
-      ``(g_grads, d_grads, d_batch_stats, metrics)``: gradients shaped like the parameters,
-      the discriminator's updated BatchNorm statistics, float32 scalar metrics.
+      ``(g_grads, d_grads, d_batch_stats, metrics, quantizer_update)``: gradients shaped like
+      the parameters, the discriminator's updated BatchNorm statistics, float32 scalar
+      metrics (the quantizer's scalar aux terms included), and ``quantizer_update``: ``stats``
+      (the new :attr:`TrainState.quantizer_stats`) and, for quantizers that set codebook rows
+      outside the gradient, ``codebook_update``/``codebook_update_mask``
+      (:mod:`vqgan_jax.models.quantizers`).
     """
     x = batch["image"]
     rng = jax.random.fold_in(jax.random.key(sc.seed), state.step)
     vq, disc = sc.vq, sc.disc
+    q_rngs = {"dropout": rng, quantizers.RNG: jax.random.fold_in(rng, 1)}
 
     def generator(g_params):
         variables = {"params": g_params}
-        z_q, aux = vq.apply(variables, x, True, method=VQModel.encode, rngs={"dropout": rng})
+        (z_q, aux), q_vars = vq.apply(
+            dict(variables, **{quantizers.STATS: state.quantizer_stats}), x, True, state.step,
+            method=VQModel.encode, rngs=q_rngs, mutable=[quantizers.STATS])
         h = vq.apply(variables, z_q, True, method=VQModel.decoder_features,
                      rngs={"dropout": rng})
         x_hat = vq.apply(variables, h, method=_last_layer)
-        return (x_hat, aux["vq_loss"]), (h, aux)
+        return (x_hat, aux["vq_loss"]), (h, aux, q_vars.get(quantizers.STATS, {}))
 
-    (x_hat, vq_loss), generator_vjp, (h, aux) = jax.vjp(generator, state.g_params, has_aux=True)
+    (x_hat, vq_loss), generator_vjp, (h, aux, q_stats) = jax.vjp(
+        generator, state.g_params, has_aux=True)
+    quantizer_update = dict(stats=q_stats, **{k: aux[k] for k in (
+        "codebook_update", "codebook_update_mask") if k in aux})
 
     def rec_loss(x_hat):
         l1 = losses.l1_loss(x, x_hat)
@@ -193,8 +231,9 @@ def compute_grads(state: TrainState, batch: dict[str, jax.Array], lpips_params: 
         logits_real=jnp.mean(logits_real.astype(jnp.float32)),
         logits_fake=jnp.mean(logits_fake.astype(jnp.float32)),
         g_grad_norm=optax.tree.norm(g_grads), d_grad_norm=optax.tree.norm(d_grads))
+    metrics.update({k: v for k, v in aux.items() if k not in metrics and jnp.ndim(v) == 0})
     metrics = jax.tree.map(lambda m: jnp.asarray(m, jnp.float32), metrics)
-    return g_grads, d_grads, batch_stats, metrics
+    return g_grads, d_grads, batch_stats, metrics, quantizer_update
 
 
 def reference_grads(state: TrainState, batch: dict[str, jax.Array], lpips_params: Any,
@@ -246,21 +285,28 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], lpips_params: Any
                sc: StepConfig) -> tuple[TrainState, dict[str, jax.Array]]:
     """:func:`compute_grads`, then one Adam update of each model.
 
+    A quantizer that sets codebook rows outside the gradient (ema_vq, dead-code restart) has
+    them written into the codebook after the generator's update, and its statistics advanced.
+
     If the loss, the discriminator loss or either gradient norm is NaN or Inf, neither update is
-    applied (parameters, optimizer states and BatchNorm statistics stay as they were), the step
-    counter still advances, and ``metrics["nonfinite"]`` is 1.
+    applied (parameters, optimizer states, BatchNorm and quantizer statistics stay as they
+    were), the step counter still advances, and ``metrics["nonfinite"]`` is 1.
 
     Returns:
       ``(new_state, metrics)`` with float32 scalar metrics (see :func:`compute_grads`) plus
       ``nonfinite`` (0 or 1).
     """
-    g_grads, d_grads, batch_stats, metrics = compute_grads(state, batch, lpips_params, sc)
+    g_grads, d_grads, batch_stats, metrics, quantizer_update = compute_grads(
+        state, batch, lpips_params, sc)
     g_updates, g_opt_state = sc.g_tx.update(g_grads, state.g_opt_state, state.g_params)
     d_updates, d_opt_state = sc.d_tx.update(d_grads, state.d_opt_state, state.d_params)
     updated = state.replace(
-        g_params=optax.apply_updates(state.g_params, g_updates),
+        # EMA / restarted codebook rows are written over the optimizer's update.
+        g_params=_write_codebook(optax.apply_updates(state.g_params, g_updates),
+                                 quantizer_update),
         d_params=optax.apply_updates(state.d_params, d_updates),
-        d_batch_stats=batch_stats, g_opt_state=g_opt_state, d_opt_state=d_opt_state)
+        d_batch_stats=batch_stats, g_opt_state=g_opt_state, d_opt_state=d_opt_state,
+        quantizer_stats=quantizer_update["stats"])
     # Non-finite guard: a NaN/Inf loss or gradient leaves both models, both optimizer states
     # and the BatchNorm statistics as they were; the step still advances (its data is used).
     finite = loop.all_finite(metrics["loss"], metrics["d_loss"], metrics["g_grad_norm"],
@@ -357,6 +403,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
                              f"encoder never reaches (it visits {sorted(reached, reverse=True)}).")
     if m.n_embed < 2:
         raise ValueError(f"config.model.n_embed={m.n_embed}; a codebook needs at least 2 codes.")
+    _validate_quantizer(config)
     for c in {m.ch * k for k in m.ch_mult}:
         if c % m.norm_groups:
             raise ValueError(f"config.model.norm_groups={m.norm_groups} does not divide {c} "
@@ -375,6 +422,43 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     if config.max_consecutive_nonfinite < 1:
         raise ValueError(f"config.max_consecutive_nonfinite={config.max_consecutive_nonfinite} "
                          "must be >= 1 (the number of NaN/Inf steps in a row that stops a run).")
+
+
+def _validate_quantizer(config: ml_collections.ConfigDict) -> None:
+    """config.quantizer against config.model (see :func:`validate_config`)."""
+    q, m = config.get("quantizer"), config.model
+    if q is None:  # a config written before quantizers were selectable: plain VQ
+        return
+    if q.kind not in quantizers.KINDS:
+        raise ValueError(f"config.quantizer.kind={q.kind!r} is not a quantizer; use one of "
+                         f"{list(quantizers.KINDS)}.")
+    if q.kind in ("gumbel", "fsq", "lfq") and m.l2_normalize_codes:
+        raise ValueError(f"config.model.l2_normalize_codes=True has no meaning for the "
+                         f"{q.kind} quantizer; set it to False.")
+    if q.restart_unused_steps < 0 or (q.restart_unused_steps and q.kind not in ("vq", "ema_vq")):
+        raise ValueError(f"config.quantizer.restart_unused_steps={q.restart_unused_steps}: "
+                         "use 0 (off) or, with kind vq or ema_vq, a positive number of steps.")
+    if q.kind == "ema_vq" and not (0 < q.ema_decay < 1 and q.ema_epsilon > 0):
+        raise ValueError(f"config.quantizer.ema_decay={q.ema_decay} must be in (0, 1) and "
+                         f"config.quantizer.ema_epsilon={q.ema_epsilon} > 0.")
+    if q.kind in ("vq", "ema_vq", "lfq") and q.entropy_weight and q.entropy_temperature <= 0:
+        raise ValueError(f"config.quantizer.entropy_temperature={q.entropy_temperature} "
+                         "must be > 0.")
+    if q.kind == "gumbel" and not (q.gumbel_tau_start > 0 and q.gumbel_tau_end > 0):
+        raise ValueError(f"config.quantizer.gumbel_tau_start={q.gumbel_tau_start} and "
+                         f"gumbel_tau_end={q.gumbel_tau_end} must be > 0.")
+    if q.kind == "fsq":
+        levels = tuple(q.fsq_levels)
+        if min(levels, default=0) < 2:
+            raise ValueError(f"config.quantizer.fsq_levels={levels}: every level must be >= 2.")
+        if m.embed_dim != len(levels):
+            raise ValueError(f"config.model.embed_dim={m.embed_dim} must equal "
+                             f"len(config.quantizer.fsq_levels)={len(levels)}.")
+    size = {"fsq": int(np.prod(q.fsq_levels)), "lfq": 2 ** m.embed_dim}.get(q.kind)
+    if size is not None and m.n_embed != size:
+        what = "prod(config.quantizer.fsq_levels)" if q.kind == "fsq" else "2 ** embed_dim"
+        raise ValueError(f"config.model.n_embed={m.n_embed}, but the {q.kind} codebook has "
+                         f"{what} = {size} codes; set config.model.n_embed={size}.")
 
 
 def _eval_images(config, f: int) -> list[np.ndarray]:
