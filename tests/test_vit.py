@@ -58,7 +58,8 @@ PAPER_COUNTS = {"SS": 55_426_784, "SB": 117_041_632, "LL": 1_283_230_688}
 
 
 def vit_imagenet_config(pair: str):
-    spec = importlib.util.spec_from_file_location("vit_imagenet", CONFIG_DIR / "vitvqgan_imagenet.py")
+    spec = importlib.util.spec_from_file_location("vit_imagenet",
+                                                  CONFIG_DIR / "vitvqgan_imagenet.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(pair)

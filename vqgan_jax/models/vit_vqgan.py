@@ -125,7 +125,8 @@ class TransformerBlock(nn.Module):
         drop = lambda y: nn.Dropout(self.dropout, deterministic=not train)(y)
         x = x + drop(MultiHeadSelfAttention(self.num_heads, self.dtype, name="attn")(
             _layer_norm(self.dtype, "ln_1")(x)))
-        h = _dense(self.mlp_dim, ("embed", "mlp"), self.dtype, "fc")(_layer_norm(self.dtype, "ln_2")(x))
+        h = _layer_norm(self.dtype, "ln_2")(x)
+        h = _dense(self.mlp_dim, ("embed", "mlp"), self.dtype, "fc")(h)
         h = _dense(c, ("mlp", "embed"), self.dtype, "mlp_proj")(nn.gelu(h, approximate=False))
         return x + drop(h)
 

@@ -143,7 +143,8 @@ def init_state(rng: jax.Array, sc: StepConfig, image_size: int) -> TrainState:
     d_vars = nn.meta.unbox(sc.disc.init(d_rng, x, train=False))
     return TrainState(step=jnp.zeros((), jnp.int32), g_params=g_params,
                       d_params=d_vars["params"], d_batch_stats=d_vars.get("batch_stats", {}),
-                      g_opt_state=sc.g_tx.init(g_params), d_opt_state=sc.d_tx.init(d_vars["params"]),
+                      g_opt_state=sc.g_tx.init(g_params),
+                      d_opt_state=sc.d_tx.init(d_vars["params"]),
                       g_ema_params=(jax.tree.map(jnp.copy, g_params) if sc.ema_decay > 0
                                     else None),
                       lecam_ema=jnp.zeros((2,), jnp.float32) if sc.lecam_weight > 0 else None)
@@ -372,8 +373,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], lpips_params: Any
     With ``ema_decay > 0`` the generator EMA becomes ``ema_decay * ema + (1 - ema_decay) *
     new g_params``; with ``lecam_weight > 0`` the LeCAM anchors follow this batch's mean logits
     (:func:`losses.lecam_update`). If the loss, the discriminator loss or either gradient norm
-    is NaN or Inf, no update is applied (parameters, optimizer states and BatchNorm statistics stay as they were), the step
-    counter still advances, and ``metrics["nonfinite"]`` is 1.
+    is NaN or Inf, no update is applied (parameters, optimizer states, BatchNorm statistics,
+    EMA and anchors stay as they were), the step counter still advances, and
+    ``metrics["nonfinite"]`` is 1.
 
     Returns:
       ``(new_state, metrics)`` with float32 scalar metrics (see :func:`compute_grads`) plus
@@ -493,8 +495,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         reached = {config.image_size // 2 ** i for i in range(len(m.ch_mult))}
         for r in m.attn_resolutions:
             if r not in reached:
-                raise ValueError(f"config.model.attn_resolutions contains {r}, a resolution the "
-                                 f"encoder never reaches (it visits {sorted(reached, reverse=True)}).")
+                raise ValueError(f"config.model.attn_resolutions contains {r}, a resolution "
+                                 "the encoder never reaches (it visits "
+                                 f"{sorted(reached, reverse=True)}).")
         for c in {m.ch * k for k in m.ch_mult}:
             if c % m.norm_groups:
                 raise ValueError(f"config.model.norm_groups={m.norm_groups} does not divide {c} "
