@@ -6,6 +6,8 @@ Every field is read by some code; comments give units and meaning.
 
 import ml_collections
 
+from vqgan_jax.models.vit_vqgan import VIT_SIZES
+
 
 def tokenizer_config() -> ml_collections.ConfigDict:
     """The conv VQGAN recipe of Esser et al. 2021 (taming-transformers' imagenet_vqgan.yaml)."""
@@ -24,7 +26,10 @@ def tokenizer_config() -> ml_collections.ConfigDict:
     c.batch_size = 8                    # global batch (all processes and devices together)
     c.num_train_steps = 500_000
 
-    # Tokenizer (models.vqgan.VQModel fields).
+    # Tokenizer: "vqgan" (models.vqgan.VQModel, the conv VQGAN) | "vit_vqgan"
+    # (models.vit_vqgan.ViTVQModel, Yu et al. 2021; see vit_vqgan_model()).
+    c.arch = "vqgan"
+    # The fields of config.arch's class (here VQModel's).
     c.model = ml_collections.ConfigDict(dict(
         ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
         z_channels=256, embed_dim=256, n_embed=1024, beta=0.25, l2_normalize_codes=False,
@@ -51,17 +56,39 @@ def tokenizer_config() -> ml_collections.ConfigDict:
         fsq_levels=(8, 5, 5, 5),        # fsq: levels per channel (len = config.model.embed_dim)
     ))
 
-    # PatchGAN discriminator (models.discriminators.NLayerDiscriminator).
-    c.disc = ml_collections.ConfigDict(dict(ndf=64, n_layers=3))
+    # Discriminator: kind picks the class; each reads only its own fields below.
+    c.disc = ml_collections.ConfigDict(dict(
+        kind="patchgan",                # patchgan (taming's) | stylegan (StyleGAN2's, ViT-VQGAN's)
+        # patchgan (models.discriminators.NLayerDiscriminator): first conv width, depth.
+        ndf=64, n_layers=3,
+        # stylegan (models.discriminators.StyleGANDiscriminator): channels at resolution r are
+        # min(channel_base // r, channel_max); minibatch-stddev group size and features.
+        channel_base=32768, channel_max=512, mbstd_group_size=4, mbstd_num_features=1,
+    ))
 
     # Loss (Esser et al. 2021, eq. 5-7; taming's VQLPIPSWithDiscriminator).
     c.loss = ml_collections.ConfigDict(dict(
         disc_start=250_001,             # step at which the adversarial terms switch on
         disc_weight=0.8,                # scales the adaptive weight lambda
         disc_factor=1.0,                # weight of the adversarial terms once on
-        disc_loss="hinge",              # hinge | vanilla
+        disc_loss="hinge",              # hinge | vanilla (taming's 0.5 BCE) | non_saturating (BCE)
+        gen_loss="hinge",               # generator: hinge (-mean D, taming's) | vanilla (minimax)
+                                        # | non_saturating (softplus(-D))
+        adaptive_disc_weight=True,      # lambda of eq. 7 (True) or lambda = disc_weight (False)
         codebook_weight=1.0,            # weight of the VQ loss
+        # Reconstruction terms (trainers.tokenizer.reconstruction_loss); weight 0: not computed.
+        l1_weight=1.0,                  # mean |x - x_hat|
+        l2_weight=0.0,                  # mean (x - x_hat)^2
+        logit_laplace_weight=0.0,       # logit-Laplace NLL (losses.logit_laplace_loss)
         perceptual_weight=1.0,          # weight of LPIPS (0 skips computing it in the step)
+        # Discriminator regularizers (0: off).
+        r1_weight=0.0,                  # gamma of the R1 penalty gamma/2 E|grad_x D(x)|^2
+        r1_every=16,                    # lazy R1: applied (times r1_every) when step % this == 0
+        lecam_weight=0.0,               # LeCAM regularization weight (Tseng et al. 2021)
+        lecam_ema_decay=0.999,          # decay of LeCAM's anchors (EMAs of D's outputs)
+        # Generator EMA (0: off). When on, evaluation, stage 2 and vqgan_jax.evaluate use the
+        # EMA weights (state.g_ema_params) instead of state.g_params.
+        ema_decay=0.0,
     ))
 
     # Adam for both generator and discriminator; lr = base_learning_rate * batch_size.
@@ -80,6 +107,27 @@ def tokenizer_config() -> ml_collections.ConfigDict:
     # stop the run with an error, leaving the last good checkpoint as it was.
     c.max_consecutive_nonfinite = 20
     return c
+
+
+def vit_vqgan_model(encoder: str = "small", decoder: str = "small", patch_size: int = 8,
+                    embed_dim: int = 32, n_embed: int = 8192) -> ml_collections.ConfigDict:
+    """``config.model`` for ``config.arch = "vit_vqgan"`` (models.vit_vqgan.ViTVQModel fields).
+
+    Args:
+      encoder, decoder: "small" | "base" | "large", Yu et al. 2021 table 1 (VIT_SIZES):
+        ViT-VQGAN-SS is small/small, -SB small/base, -LL large/large.
+      patch_size: side of the non-overlapping patches, = the downsampling factor.
+      embed_dim: dimension of the factorized, l2-normalized codes (32 in the paper).
+      n_embed: codebook size (8192 in the paper).
+    """
+    enc, dec = VIT_SIZES[encoder], VIT_SIZES[decoder]
+    return ml_collections.ConfigDict(dict(
+        patch_size=patch_size,
+        enc_layers=enc["layers"], enc_width=enc["width"], enc_heads=enc["heads"],
+        enc_mlp_dim=enc["mlp_dim"],
+        dec_layers=dec["layers"], dec_width=dec["width"], dec_heads=dec["heads"],
+        dec_mlp_dim=dec["mlp_dim"],
+        embed_dim=embed_dim, n_embed=n_embed, beta=0.25, dropout=0.0))
 
 
 def transformer_config() -> ml_collections.ConfigDict:

@@ -202,7 +202,10 @@ def _open_checkpoints(workdir: str, step: int | None
 
 def _restore_g_params(manager: ocp.CheckpointManager, step: int,
                       config: ml_collections.ConfigDict, mesh) -> Any:
-    """The tokenizer parameters at ``step``, replicated over ``mesh``; closes the manager."""
+    """The tokenizer parameters at ``step``, replicated over ``mesh``; closes the manager.
+
+    These are the generator EMA weights when the run kept them (``config.loss.ema_decay > 0``),
+    else ``g_params`` (:func:`vqgan_jax.trainers.tokenizer.eval_params`)."""
     try:
         sc = tokenizer.build_step_config(config)
         abstract = jax.eval_shape(lambda key: tokenizer.init_state(key, sc, config.image_size),
@@ -212,7 +215,7 @@ def _restore_g_params(manager: ocp.CheckpointManager, step: int,
             state=ocp.args.StandardRestore(loop.abstract_like(abstract, shardings))))["state"]
     finally:
         manager.close()
-    return state.g_params
+    return tokenizer.eval_params(state)
 
 
 def restore_tokenizer(workdir: str, step: int | None, mesh) -> tuple[ml_collections.ConfigDict,

@@ -9,7 +9,7 @@ names turn taming's dotted keys into flax paths by joining ``down.i.block.j`` /
 :mod:`vqgan_jax.interop.taming` converts checkpoints both ways.
 """
 
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import flax.linen as nn
 import jax
@@ -165,6 +165,9 @@ class VQModel(nn.Module):
     quantizer: tuple = ()
     dtype: Dtype = jnp.float32
 
+    # Parameter path of the decoder's last layer (its "kernel" is W in the adaptive weight).
+    last_layer_path: ClassVar[tuple[str, ...]] = ("decoder", "conv_out")
+
     def setup(self):
         layout = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
                       attn_resolutions=tuple(self.attn_resolutions), z_channels=self.z_channels,
@@ -199,6 +202,10 @@ class VQModel(nn.Module):
     def decoder_features(self, z_q: jax.Array, train: bool = False) -> jax.Array:
         """The decoder up to (not including) its last layer ``conv_out``."""
         return self.decoder.features(self.post_quant_conv(z_q), train)
+
+    def last_layer(self, h: jax.Array) -> jax.Array:
+        """The decoder's last layer ``conv_out``: :meth:`decoder_features` output -> image."""
+        return self.decoder.conv_out(h)
 
     def decode(self, z_q: jax.Array, train: bool = False) -> jax.Array:
         """``z_q: [B, h, w, embed_dim] -> x_hat: [B, h*f, w*f, 3]`` (about [-1, 1])."""

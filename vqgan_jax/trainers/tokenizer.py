@@ -1,7 +1,11 @@
-"""Stage 1: train the VQGAN tokenizer (Esser et al. 2021, sec. 3.1, eq. 5-7).
+"""Stage 1: train the tokenizer (Esser et al. 2021, sec. 3.1, eq. 5-7).
 
-One jitted step updates the generator (encoder, quantizer, decoder) and the PatchGAN
-discriminator from one batch. No work is done twice:
+The tokenizer is ``config.arch``: the conv VQGAN (:class:`VQModel`) or the ViT-VQGAN
+(:class:`ViTVQModel`, Yu et al. 2021); the discriminator ``config.disc.kind``: taming's PatchGAN
+or StyleGAN2's (see :func:`build_models`).
+
+One jitted step updates the generator (encoder, quantizer, decoder) and the discriminator
+from one batch. No work is done twice:
 
 * the discriminator's update reuses the generator's reconstruction and the forward pass of
   the discriminator on it (taming's loop runs the autoencoder and that pass again);
@@ -10,6 +14,11 @@ discriminator from one batch. No work is done twice:
   carry each through the last conv alone, and then run a single backward pass through the
   generator with the combined cotangent ``dL_rec/dx_hat + lambda * d * dL_GAN/dx_hat``
   (taming runs two extra full backward passes through the generator).
+
+Optional regularizers (all off by default, which is taming's recipe): the R1 gradient
+penalty on the discriminator, lazily every ``r1_every`` steps; LeCAM regularization with EMA
+anchors kept in the state; an EMA of the generator's weights, which evaluation, stage 2 and
+``python -m vqgan_jax.evaluate`` then use instead of the raw weights (:func:`eval_params`).
 """
 
 import dataclasses
@@ -30,33 +39,46 @@ from vqgan_jax import losses, parallel
 from vqgan_jax import metrics as metrics_lib
 from vqgan_jax.data import pipeline, sources
 from vqgan_jax.models import quantizers
-from vqgan_jax.models.discriminators import NLayerDiscriminator
+from vqgan_jax.models.discriminators import NLayerDiscriminator, StyleGANDiscriminator
 from vqgan_jax.models.lpips import load_lpips_params, lpips_fn
+from vqgan_jax.models.vit_vqgan import ViTVQModel
 from vqgan_jax.models.vqgan import VQModel
 from vqgan_jax.trainers import loop
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# config.arch -> tokenizer class (its fields are config.model).
+ARCHS = {"vqgan": VQModel, "vit_vqgan": ViTVQModel}
+# config.disc.kind -> discriminator class and the config.disc fields it takes.
+DISCS = {
+    "patchgan": (NLayerDiscriminator, ("ndf", "n_layers")),
+    "stylegan": (StyleGANDiscriminator, ("channel_base", "channel_max", "mbstd_group_size",
+                                         "mbstd_num_features")),
+}
+Tokenizer = VQModel | ViTVQModel
+Discriminator = NLayerDiscriminator | StyleGANDiscriminator
 
 
 @flax.struct.dataclass
 class TrainState:
     """Everything a step reads and writes; created sharded, donated to the step."""
     step: jax.Array                 # int32[], steps done
-    g_params: Any                   # VQModel params (float32)
-    d_params: Any                   # NLayerDiscriminator params (float32)
-    d_batch_stats: Any              # BatchNorm running statistics
+    g_params: Any                   # tokenizer params (float32)
+    d_params: Any                   # discriminator params (float32)
+    d_batch_stats: Any              # BatchNorm running statistics ({} for StyleGAN)
     g_opt_state: optax.OptState
     d_opt_state: optax.OptState
     # The quantizer's training state (models.quantizers.STATS: EMA cluster sizes and sums,
     # steps each code went unused); {} for plain VQ. Inference never reads it.
     quantizer_stats: Any = flax.struct.field(default_factory=dict)
+    g_ema_params: Any = None        # EMA of g_params (loss.ema_decay > 0), else None
+    lecam_ema: Any = None           # float32[2] LeCAM anchors (mean D(real), mean D(fake)), or None
 
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
     """The static (hashable) pieces of a train step."""
-    vq: VQModel
-    disc: NLayerDiscriminator
+    vq: Tokenizer
+    disc: Discriminator
     g_tx: optax.GradientTransformation
     d_tx: optax.GradientTransformation
     disc_start: int
@@ -66,18 +88,36 @@ class StepConfig:
     codebook_weight: float
     perceptual_weight: float
     seed: int
+    # Fields added after the first workdirs were written: defaults keep their configs loading.
+    gen_loss: str = "hinge"
+    adaptive_disc_weight: bool = True
+    l1_weight: float = 1.0
+    l2_weight: float = 0.0
+    logit_laplace_weight: float = 0.0
+    r1_weight: float = 0.0
+    r1_every: int = 16
+    lecam_weight: float = 0.0
+    lecam_ema_decay: float = 0.999
+    ema_decay: float = 0.0
 
     @property
     def dtype(self):
         return self.vq.dtype
 
 
-def build_models(config: ml_collections.ConfigDict) -> tuple[VQModel, NLayerDiscriminator]:
-    """The tokenizer and discriminator described by ``config.model`` / ``config.disc``."""
+def build_models(config: ml_collections.ConfigDict) -> tuple[Tokenizer, Discriminator]:
+    """The tokenizer and discriminator described by the config.
+
+    ``config.arch`` picks the tokenizer class (:data:`ARCHS`), built from ``config.model``;
+    ``config.disc.kind`` the discriminator (:data:`DISCS`), built from its fields of
+    ``config.disc``. Configs saved before these fields existed mean "vqgan" and "patchgan".
+    """
     dtype = DTYPES[config.dtype]
-    vq = VQModel(**config.model.to_dict(), resolution=config.image_size, dtype=dtype,
-                 quantizer=quantizers.quantizer_fields(config.get("quantizer")))
-    disc = NLayerDiscriminator(**config.disc.to_dict(), dtype=dtype)
+    vq = ARCHS[config.get("arch", "vqgan")](
+        **config.model.to_dict(), resolution=config.image_size, dtype=dtype,
+        quantizer=quantizers.quantizer_fields(config.get("quantizer")))
+    disc_cls, fields = DISCS[config.disc.get("kind", "patchgan")]
+    disc = disc_cls(**{k: config.disc[k] for k in fields}, dtype=dtype)
     return vq, disc
 
 
@@ -95,17 +135,26 @@ def build_step_config(config: ml_collections.ConfigDict) -> StepConfig:
 
 
 def init_state(rng: jax.Array, sc: StepConfig, image_size: int) -> TrainState:
-    """Fresh parameters and optimizer states (float32), unboxed from their logical axes."""
+    """Fresh parameters and optimizer states (float32), unboxed from their logical axes.
+
+    ``g_ema_params`` starts as a copy of ``g_params`` (when ``ema_decay > 0``), the LeCAM
+    anchors at 0 (when ``lecam_weight > 0``); both are None otherwise.
+    """
     g_rng, d_rng = jax.random.split(rng)
-    x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    g_vars = nn.meta.unbox(sc.vq.init(g_rng, x))
+    # The StyleGAN discriminator's minibatch-stddev groups need as many images as a group.
+    batch = getattr(sc.disc, "mbstd_group_size", 1)
+    x = jnp.zeros((batch, image_size, image_size, 3), jnp.float32)
+    g_vars = nn.meta.unbox(sc.vq.init(g_rng, x[:1]))
     g_params = g_vars["params"]
     d_vars = nn.meta.unbox(sc.disc.init(d_rng, x, train=False))
     return TrainState(step=jnp.zeros((), jnp.int32), g_params=g_params,
-                      d_params=d_vars["params"], d_batch_stats=d_vars["batch_stats"],
+                      d_params=d_vars["params"], d_batch_stats=d_vars.get("batch_stats", {}),
                       g_opt_state=sc.g_tx.init(g_params),
                       d_opt_state=sc.d_tx.init(d_vars["params"]),
-                      quantizer_stats=g_vars.get(quantizers.STATS, {}))
+                      quantizer_stats=g_vars.get(quantizers.STATS, {}),
+                      g_ema_params=(jax.tree.map(jnp.copy, g_params) if sc.ema_decay > 0
+                                    else None),
+                      lecam_ema=jnp.zeros((2,), jnp.float32) if sc.lecam_weight > 0 else None)
 
 
 def init_quantizer_stats(vq: VQModel, g_params: Any) -> Any:
@@ -128,23 +177,71 @@ def _write_codebook(g_params: Any, update: dict[str, Any]) -> Any:
     return dict(g_params, quantize=dict(q, codebook=codebook))
 
 
-def _last_layer(model: VQModel, h: jax.Array) -> jax.Array:
-    return model.decoder.conv_out(h)
+def eval_params(state: TrainState) -> Any:
+    """The generator weights to evaluate and sample with: the EMA when kept, else g_params."""
+    return state.g_params if state.g_ema_params is None else state.g_ema_params
+
+
+def eval_params_field(config: ml_collections.ConfigDict) -> str:
+    """The TrainState field :func:`eval_params` reads for a run of ``config`` (a saved config
+    of a stage-1 workdir): ``"g_ema_params"`` if it kept a generator EMA, else ``"g_params"``."""
+    return "g_ema_params" if config.loss.get("ema_decay", 0.0) > 0 else "g_params"
+
+
+def _get_path(tree: Any, path: tuple[str, ...]) -> Any:
+    return functools.reduce(lambda t, k: t[k], path, tree)
+
+
+def _nest(path: tuple[str, ...], leaf: Any) -> Any:
+    for key in reversed(path):
+        leaf = {key: leaf}
+    return leaf
+
+
+def reconstruction_loss(x: jax.Array, x_hat: jax.Array, lpips_params: Any, sc: StepConfig
+                        ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The reconstruction ("nll") loss of the generator, float32::
+
+        L_rec = l1_weight |x - x_hat|_1 + l2_weight |x - x_hat|^2
+                + logit_laplace_weight L_logit-laplace(x, x_hat) + perceptual_weight LPIPS
+
+    (means over elements; :mod:`vqgan_jax.losses`). Terms with weight 0 are not added
+    (logit-Laplace and LPIPS are not even computed); taming's is L1 + LPIPS.
+
+    Returns:
+      ``(L_rec, parts)`` with the unweighted ``l1_loss``, ``l2_loss``, ``logit_laplace_loss``
+      and ``perceptual_loss`` (0 where not computed).
+    """
+    zero = jnp.zeros((), jnp.float32)
+    l1, l2 = losses.l1_loss(x, x_hat), losses.l2_loss(x, x_hat)
+    ll = losses.logit_laplace_loss(x, x_hat) if sc.logit_laplace_weight > 0 else zero
+    p_loss = (jnp.mean(lpips_fn(lpips_params, x, x_hat, sc.dtype))
+              if sc.perceptual_weight > 0 else zero)
+    terms = [(sc.l1_weight, l1), (sc.l2_weight, l2), (sc.logit_laplace_weight, ll)]
+    nll = sum((w * t for w, t in terms if w > 0), start=sc.perceptual_weight * p_loss)
+    return nll, dict(l1_loss=l1, l2_loss=l2, logit_laplace_loss=ll, perceptual_loss=p_loss)
 
 
 def compute_grads(state: TrainState, batch: dict[str, jax.Array], lpips_params: Any, sc: StepConfig
                   ) -> tuple[Any, Any, Any, dict[str, jax.Array], dict[str, Any]]:
     """Generator and discriminator gradients for one batch (Esser et al. 2021, eq. 5-7).
 
-    Generator loss (taming's VQLPIPSWithDiscriminator, optimizer 0)::
+    Generator loss (taming's VQLPIPSWithDiscriminator, optimizer 0, by default)::
 
-        L_G = |x - x_hat|_1 + perceptual_weight * LPIPS(x, x_hat)          (L_rec, "nll")
-              + lambda * d * (-mean D(x_hat))                              (L_GAN)
+        L_G = L_rec(x, x_hat)                     (:func:`reconstruction_loss`, "nll")
+              + lambda * d * L_GAN(D(x_hat))      (gen_loss; taming: -mean D(x_hat))
               + codebook_weight * L_VQ
         lambda = clip(||dL_rec/dW|| / (||dL_GAN/dW|| + 1e-4), 0, 1e4) * disc_weight   (eq. 7)
 
-    with W the decoder's last conv kernel and d = disc_factor from ``disc_start`` on, else 0.
-    Discriminator loss: d * hinge (or vanilla) on D(x), D(sg[x_hat]).
+    with W the kernel of the decoder's last layer (``vq.last_layer_path``) and d =
+    disc_factor from ``disc_start`` on, else 0; with ``adaptive_disc_weight=False``
+    lambda = disc_weight (Yu et al. 2021: 0.1). Discriminator loss::
+
+        L_D = d * (disc_loss(D(x), D(sg[x_hat])) + lecam_weight * R_LC)       (every step)
+              + d * r1_weight / 2 * r1_every * R1(x)          (steps with step % r1_every == 0)
+
+    R_LC uses the anchors in ``state.lecam_ema`` (:func:`losses.lecam_reg`), R1 the real images
+    (:func:`losses.r1_penalty`; lazy as in StyleGAN2, and not computed on other steps).
 
     Args:
       state: the TrainState (donated).
@@ -169,10 +266,10 @@ def compute_grads(state: TrainState, batch: dict[str, jax.Array], lpips_params: 
         variables = {"params": g_params}
         (z_q, aux), q_vars = vq.apply(
             dict(variables, **{quantizers.STATS: state.quantizer_stats}), x, True, state.step,
-            method=VQModel.encode, rngs=q_rngs, mutable=[quantizers.STATS])
-        h = vq.apply(variables, z_q, True, method=VQModel.decoder_features,
+            method="encode", rngs=q_rngs, mutable=[quantizers.STATS])
+        h = vq.apply(variables, z_q, True, method="decoder_features",
                      rngs={"dropout": rng})
-        x_hat = vq.apply(variables, h, method=_last_layer)
+        x_hat = vq.apply(variables, h, method="last_layer")
         return (x_hat, aux["vq_loss"]), (h, aux, q_vars.get(quantizers.STATS, {}))
 
     (x_hat, vq_loss), generator_vjp, (h, aux, q_stats) = jax.vjp(
@@ -180,33 +277,34 @@ def compute_grads(state: TrainState, batch: dict[str, jax.Array], lpips_params: 
     quantizer_update = dict(stats=q_stats, **{k: aux[k] for k in (
         "codebook_update", "codebook_update_mask") if k in aux})
 
-    def rec_loss(x_hat):
-        l1 = losses.l1_loss(x, x_hat)
-        p_loss = (jnp.mean(lpips_fn(lpips_params, x, x_hat, sc.dtype))
-                  if sc.perceptual_weight > 0 else jnp.zeros((), jnp.float32))
-        return l1 + sc.perceptual_weight * p_loss, (l1, p_loss)
-
-    (nll, (l1, p_loss)), nll_ct = jax.value_and_grad(rec_loss, has_aux=True)(x_hat)
+    rec_loss = lambda x_hat: reconstruction_loss(x, x_hat, lpips_params, sc)
+    (nll, rec_parts), nll_ct = jax.value_and_grad(rec_loss, has_aux=True)(x_hat)
 
     def discriminate(d_params, batch_stats, images):
         logits, updates = disc.apply({"params": d_params, "batch_stats": batch_stats}, images,
                                      train=True, mutable=["batch_stats"])
-        return logits, updates["batch_stats"]
+        return logits, updates.get("batch_stats", {})
 
     # One discriminator pass on x_hat serves both the generator and the discriminator update.
     logits_fake, fake_vjp, batch_stats = jax.vjp(
         lambda d_params, x_hat: discriminate(d_params, state.d_batch_stats, x_hat),
         state.d_params, x_hat, has_aux=True)
-    g_loss, g_loss_ct = jax.value_and_grad(losses.generator_adv_loss)(logits_fake)
+    g_loss, g_loss_ct = jax.value_and_grad(functools.partial(losses.g_loss, sc.gen_loss))(
+        logits_fake)
     gan_ct = fake_vjp(g_loss_ct)[1]
 
-    # Adaptive weight from the two gradients carried through the last layer only.
-    conv_out = state.g_params["decoder"]["conv_out"]
-    _, last_vjp = jax.vjp(
-        lambda kernel: vq.apply({"params": {"decoder": {"conv_out": dict(conv_out, kernel=kernel)}}},
-                                h, method=_last_layer),
-        conv_out["kernel"])
-    d_weight = losses.adaptive_weight(last_vjp(nll_ct)[0], last_vjp(gan_ct)[0], sc.disc_weight)
+    if sc.adaptive_disc_weight:
+        # Adaptive weight from the two gradients carried through the last layer only.
+        path = vq.last_layer_path
+        last = _get_path(state.g_params, path)
+        _, last_vjp = jax.vjp(
+            lambda kernel: vq.apply({"params": _nest(path, dict(last, kernel=kernel))}, h,
+                                    method="last_layer"),
+            last["kernel"])
+        d_weight = losses.adaptive_weight(last_vjp(nll_ct)[0], last_vjp(gan_ct)[0],
+                                          sc.disc_weight)
+    else:
+        d_weight = jnp.asarray(sc.disc_weight, jnp.float32)
     disc_factor = losses.adopt_weight(sc.disc_factor, state.step, sc.disc_start)
     gan_scale = d_weight * disc_factor
     loss = nll + gan_scale * g_loss + sc.codebook_weight * vq_loss
@@ -218,14 +316,31 @@ def compute_grads(state: TrainState, batch: dict[str, jax.Array], lpips_params: 
     # Discriminator: real pass, and the fake pass above with the discriminator's cotangent.
     logits_real, real_vjp, batch_stats = jax.vjp(
         lambda d_params: discriminate(d_params, batch_stats, x), state.d_params, has_aux=True)
-    d_loss_fn = lambda real, fake: disc_factor * losses.d_loss(sc.disc_loss, real, fake)
-    d_loss, (real_ct, fake_ct) = jax.value_and_grad(d_loss_fn, argnums=(0, 1))(
-        logits_real, logits_fake)
+    def d_loss_fn(real, fake):
+        gan = losses.d_loss(sc.disc_loss, real, fake)
+        lecam = (losses.lecam_reg(real, fake, state.lecam_ema[0], state.lecam_ema[1])
+                 if sc.lecam_weight > 0 else jnp.zeros((), jnp.float32))
+        return disc_factor * (gan + sc.lecam_weight * lecam), lecam
+
+    (d_loss, lecam), (real_ct, fake_ct) = jax.value_and_grad(
+        d_loss_fn, argnums=(0, 1), has_aux=True)(logits_real, logits_fake)
     d_grads = jax.tree.map(jnp.add, real_vjp(real_ct)[0], fake_vjp(fake_ct)[0])
 
+    r1 = jnp.zeros((), jnp.float32)
+    if sc.r1_weight > 0:  # Lazy R1 (Karras et al. 2020, sec. 3.1): only every r1_every steps.
+        r1_fn = lambda d_params: losses.r1_penalty(
+            lambda images: discriminate(d_params, state.d_batch_stats, images)[0], x)
+        r1, r1_grads = jax.lax.cond(
+            (state.step % sc.r1_every == 0) & (state.step >= sc.disc_start),
+            lambda: jax.value_and_grad(r1_fn)(state.d_params),
+            lambda: (r1, jax.tree.map(jnp.zeros_like, state.d_params)))
+        r1_scale = disc_factor * (0.5 * sc.r1_weight * sc.r1_every)
+        d_grads = jax.tree.map(lambda g, r: g + r1_scale * r, d_grads, r1_grads)
+
     metrics = dict(
-        loss=loss, nll_loss=nll, l1_loss=l1, perceptual_loss=p_loss, g_loss=g_loss,
+        loss=loss, nll_loss=nll, **rec_parts, g_loss=g_loss,
         d_loss=d_loss, d_weight=d_weight, disc_factor=disc_factor, vq_loss=vq_loss,
+        lecam_loss=lecam, r1_penalty=r1,
         codebook_loss=aux["codebook_loss"], commitment_loss=aux["commitment_loss"],
         perplexity=aux["perplexity"], codebook_usage=aux["codebook_usage"],
         logits_real=jnp.mean(logits_real.astype(jnp.float32)),
@@ -253,16 +368,17 @@ def reference_grads(state: TrainState, batch: dict[str, jax.Array], lpips_params
 
     def parts(g_params):
         x_hat, aux = sc.vq.apply({"params": g_params}, x, True)
-        nll = losses.l1_loss(x, x_hat)
-        if sc.perceptual_weight > 0:
-            nll = nll + sc.perceptual_weight * jnp.mean(lpips_fn(lpips_params, x, x_hat, sc.dtype))
+        nll, _ = reconstruction_loss(x, x_hat, lpips_params, sc)
         logits_fake, _ = sc.disc.apply(d_vars, x_hat, train=True, mutable=["batch_stats"])
-        return nll, losses.generator_adv_loss(logits_fake), aux["vq_loss"], x_hat
+        return nll, losses.g_loss(sc.gen_loss, logits_fake), aux["vq_loss"], x_hat
 
-    last = lambda grads: grads["decoder"]["conv_out"]["kernel"]
-    nll_w = last(jax.grad(lambda p: parts(p)[0])(state.g_params))
-    gan_w = last(jax.grad(lambda p: parts(p)[1])(state.g_params))
-    d_weight = losses.adaptive_weight(nll_w, gan_w, sc.disc_weight)
+    if sc.adaptive_disc_weight:
+        last = lambda grads: _get_path(grads, sc.vq.last_layer_path)["kernel"]
+        nll_w = last(jax.grad(lambda p: parts(p)[0])(state.g_params))
+        gan_w = last(jax.grad(lambda p: parts(p)[1])(state.g_params))
+        d_weight = losses.adaptive_weight(nll_w, gan_w, sc.disc_weight)
+    else:
+        d_weight = jnp.asarray(sc.disc_weight, jnp.float32)
     disc_factor = losses.adopt_weight(sc.disc_factor, state.step, sc.disc_start)
 
     def total(g_params):
@@ -276,7 +392,14 @@ def reference_grads(state: TrainState, batch: dict[str, jax.Array], lpips_params
         def d(images):
             return sc.disc.apply({"params": d_params, "batch_stats": state.d_batch_stats},
                                  images, train=True, mutable=["batch_stats"])[0]
-        return disc_factor * losses.d_loss(sc.disc_loss, d(x), d(x_hat))
+        real, fake = d(x), d(x_hat)
+        total = losses.d_loss(sc.disc_loss, real, fake)
+        if sc.lecam_weight > 0:
+            total += sc.lecam_weight * losses.lecam_reg(real, fake, *state.lecam_ema)
+        if sc.r1_weight > 0:
+            on = (state.step % sc.r1_every == 0).astype(jnp.float32)
+            total += on * 0.5 * sc.r1_weight * sc.r1_every * losses.r1_penalty(d, x)
+        return disc_factor * total
 
     return g_grads, jax.grad(d_total)(state.d_params), d_weight
 
@@ -287,10 +410,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], lpips_params: Any
 
     A quantizer that sets codebook rows outside the gradient (ema_vq, dead-code restart) has
     them written into the codebook after the generator's update, and its statistics advanced.
-
-    If the loss, the discriminator loss or either gradient norm is NaN or Inf, neither update is
-    applied (parameters, optimizer states, BatchNorm and quantizer statistics stay as they
-    were), the step counter still advances, and ``metrics["nonfinite"]`` is 1.
+    With ``ema_decay > 0`` the generator EMA becomes ``ema_decay * ema + (1 - ema_decay) *
+    new g_params``; with ``lecam_weight > 0`` the LeCAM anchors follow this batch's mean logits
+    (:func:`losses.lecam_update`). If the loss, the discriminator loss or either gradient norm
+    is NaN or Inf, no update is applied (parameters, optimizer states, BatchNorm and quantizer
+    statistics, EMA and anchors stay as they were), the step counter still advances, and
+    ``metrics["nonfinite"]`` is 1.
 
     Returns:
       ``(new_state, metrics)`` with float32 scalar metrics (see :func:`compute_grads`) plus
@@ -300,13 +425,18 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], lpips_params: Any
         state, batch, lpips_params, sc)
     g_updates, g_opt_state = sc.g_tx.update(g_grads, state.g_opt_state, state.g_params)
     d_updates, d_opt_state = sc.d_tx.update(d_grads, state.d_opt_state, state.d_params)
+    # EMA / restarted codebook rows are written over the optimizer's update.
+    g_params = _write_codebook(optax.apply_updates(state.g_params, g_updates), quantizer_update)
     updated = state.replace(
-        # EMA / restarted codebook rows are written over the optimizer's update.
-        g_params=_write_codebook(optax.apply_updates(state.g_params, g_updates),
-                                 quantizer_update),
-        d_params=optax.apply_updates(state.d_params, d_updates),
+        g_params=g_params, d_params=optax.apply_updates(state.d_params, d_updates),
         d_batch_stats=batch_stats, g_opt_state=g_opt_state, d_opt_state=d_opt_state,
         quantizer_stats=quantizer_update["stats"])
+    if sc.ema_decay > 0:  # EMA of the updated generator weights (evaluation uses it)
+        updated = updated.replace(g_ema_params=optax.incremental_update(
+            g_params, state.g_ema_params, 1.0 - sc.ema_decay))
+    if sc.lecam_weight > 0:  # the anchors follow D's mean outputs on this batch
+        updated = updated.replace(lecam_ema=losses.lecam_update(
+            state.lecam_ema, metrics["logits_real"], metrics["logits_fake"], sc.lecam_ema_decay))
     # Non-finite guard: a NaN/Inf loss or gradient leaves both models, both optimizer states
     # and the BatchNorm statistics as they were; the step still advances (its data is used).
     finite = loop.all_finite(metrics["loss"], metrics["d_loss"], metrics["g_grad_norm"],
@@ -328,7 +458,7 @@ def jit_train_step(sc: StepConfig, mesh, state_shardings, lpips_params):
 
 # ----------------------------------------------------------------------------- evaluation
 
-def score_reconstructions(g_params: Any, lpips_params: Any, x: jax.Array, vq: VQModel
+def score_reconstructions(g_params: Any, lpips_params: Any, x: jax.Array, vq: Tokenizer
                           ) -> dict[str, jax.Array]:
     """Reconstruct ``x: float32[B, H, W, 3] in [-1, 1]`` and score it (jittable, pure).
 
@@ -351,7 +481,7 @@ def score_reconstructions(g_params: Any, lpips_params: Any, x: jax.Array, vq: VQ
 reconstruct = jax.jit(score_reconstructions, static_argnames="vq")
 
 
-def evaluate(g_params: Any, lpips_params: Any, images: list[np.ndarray], vq: VQModel
+def evaluate(g_params: Any, lpips_params: Any, images: list[np.ndarray], vq: Tokenizer
              ) -> tuple[dict[str, float], list[np.ndarray]]:
     """Held-out metrics over ``images`` (each float32[H, W, 3] in [-1, 1], sizes may differ).
 
@@ -387,27 +517,64 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     """Fail fast, before any compile, with the offending field named.
 
     Raises:
-      ValueError: on any field that cannot work.
+      ValueError: on any field that cannot work, e.g. an unknown ``config.arch``,
+        ``config.disc.kind``, ``config.loss.disc_loss`` or ``config.loss.gen_loss`` (the
+        message names the field and the valid choices).
     """
     m = config.model
-    f = 2 ** (len(m.ch_mult) - 1)
+    arch = config.get("arch", "vqgan")
+    if arch not in ARCHS:
+        raise ValueError(f"config.arch={arch!r}; use one of {sorted(ARCHS)}.")
+    disc_kind = config.disc.get("kind", "patchgan")
+    if disc_kind not in DISCS:
+        raise ValueError(f"config.disc.kind={disc_kind!r}; use one of {sorted(DISCS)}.")
     if config.dtype not in DTYPES:
         raise ValueError(f"config.dtype={config.dtype!r}; use one of {sorted(DTYPES)}.")
-    if config.image_size % f:
-        raise ValueError(f"config.image_size={config.image_size} is not divisible by the "
-                         f"downsampling factor {f} of config.model.ch_mult={tuple(m.ch_mult)}.")
-    reached = {config.image_size // 2 ** i for i in range(len(m.ch_mult))}
-    for r in m.attn_resolutions:
-        if r not in reached:
-            raise ValueError(f"config.model.attn_resolutions contains {r}, a resolution the "
-                             f"encoder never reaches (it visits {sorted(reached, reverse=True)}).")
+    if arch == "vqgan":
+        f = 2 ** (len(m.ch_mult) - 1)
+        if config.image_size % f:
+            raise ValueError(f"config.image_size={config.image_size} is not divisible by the "
+                             f"downsampling factor {f} of config.model.ch_mult={tuple(m.ch_mult)}.")
+        reached = {config.image_size // 2 ** i for i in range(len(m.ch_mult))}
+        for r in m.attn_resolutions:
+            if r not in reached:
+                raise ValueError(f"config.model.attn_resolutions contains {r}, a resolution "
+                                 "the encoder never reaches (it visits "
+                                 f"{sorted(reached, reverse=True)}).")
+        for c in {m.ch * k for k in m.ch_mult}:
+            if c % m.norm_groups:
+                raise ValueError(f"config.model.norm_groups={m.norm_groups} does not divide {c} "
+                                 "channels; choose ch and ch_mult so every level is a multiple.")
+    else:
+        if config.image_size % m.patch_size:
+            raise ValueError(f"config.image_size={config.image_size} is not divisible by "
+                             f"config.model.patch_size={m.patch_size}.")
+        for part in ("enc", "dec"):
+            if m[f"{part}_width"] % m[f"{part}_heads"]:
+                raise ValueError(f"config.model.{part}_width={m[f'{part}_width']} is not divisible "
+                                 f"by config.model.{part}_heads={m[f'{part}_heads']}.")
     if m.n_embed < 2:
         raise ValueError(f"config.model.n_embed={m.n_embed}; a codebook needs at least 2 codes.")
     _validate_quantizer(config)
-    for c in {m.ch * k for k in m.ch_mult}:
-        if c % m.norm_groups:
-            raise ValueError(f"config.model.norm_groups={m.norm_groups} does not divide {c} "
-                             "channels; choose ch and ch_mult so every level is a multiple.")
+    if disc_kind == "stylegan":
+        size = config.image_size
+        if size < 8 or size & (size - 1):
+            raise ValueError(f"config.image_size={size}: the StyleGAN discriminator "
+                             "(config.disc.kind='stylegan') needs a power of two >= 8.")
+        group = min(config.disc.mbstd_group_size, config.batch_size)
+        if config.batch_size % group:
+            raise ValueError(f"config.batch_size={config.batch_size} is not divisible by "
+                             f"config.disc.mbstd_group_size={config.disc.mbstd_group_size}.")
+    loss = config.loss
+    if loss.get("gen_loss", "hinge") not in losses.G_LOSSES:
+        raise ValueError(f"config.loss.gen_loss={loss.gen_loss!r}; use one of "
+                         f"{sorted(losses.G_LOSSES)}.")
+    if loss.get("r1_every", 1) < 1:
+        raise ValueError(f"config.loss.r1_every={loss.r1_every} must be >= 1 (R1 is applied on "
+                         "steps divisible by it).")
+    for field in ("ema_decay", "lecam_ema_decay"):
+        if not 0.0 <= loss.get(field, 0.0) < 1.0:
+            raise ValueError(f"config.loss.{field}={loss[field]} must be in [0, 1).")
     if config.batch_size % num_devices:
         raise ValueError(f"config.batch_size={config.batch_size} (global) is not divisible by "
                          f"the {num_devices} devices the batch is split over.")
@@ -415,8 +582,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         raise ValueError(f"config.image_size={config.image_size}: LPIPS (VGG16, four 2x poolings) "
                          "needs at least 32 pixels; use larger images or "
                          "config.loss.perceptual_weight=0.")
-    if config.loss.disc_loss not in ("hinge", "vanilla"):
-        raise ValueError(f"config.loss.disc_loss={config.loss.disc_loss!r}; use hinge or vanilla.")
+    if config.loss.disc_loss not in losses.D_LOSSES:
+        raise ValueError(f"config.loss.disc_loss={config.loss.disc_loss!r}; use one of "
+                         f"{sorted(losses.D_LOSSES)}.")
     if config.num_train_steps < 0:
         raise ValueError("config.num_train_steps must be >= 0.")
     if config.max_consecutive_nonfinite < 1:
@@ -432,7 +600,7 @@ def _validate_quantizer(config: ml_collections.ConfigDict) -> None:
     if q.kind not in quantizers.KINDS:
         raise ValueError(f"config.quantizer.kind={q.kind!r} is not a quantizer; use one of "
                          f"{list(quantizers.KINDS)}.")
-    if q.kind in ("gumbel", "fsq", "lfq") and m.l2_normalize_codes:
+    if q.kind in ("gumbel", "fsq", "lfq") and m.get("l2_normalize_codes", False):
         raise ValueError(f"config.model.l2_normalize_codes=True has no meaning for the "
                          f"{q.kind} quantizer; set it to False.")
     if q.restart_unused_steps < 0 or (q.restart_unused_steps and q.kind not in ("vq", "ema_vq")):
@@ -533,7 +701,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  int(jax.device_get(state.step)), config.num_train_steps, dict(mesh.shape))
 
     def evaluate_and_save(state, step):
-        metrics, recs = evaluate(state.g_params, lpips_params, eval_images, sc.vq)
+        metrics, recs = evaluate(eval_params(state), lpips_params, eval_images, sc.vq)
         _save_eval(workdir, step, metrics, eval_images, recs, writer)
         return metrics
 

@@ -29,7 +29,6 @@ from absl import logging
 from vqgan_jax import parallel, sampling
 from vqgan_jax.data import pipeline, sources
 from vqgan_jax.models.gpt import GPT
-from vqgan_jax.models.vqgan import VQModel
 from vqgan_jax.trainers import loop
 from vqgan_jax.trainers import tokenizer as stage1
 
@@ -96,8 +95,8 @@ class TrainState:
 class StepConfig:
     """The static (hashable) pieces of a train step."""
     gpt: GPT
-    vq: VQModel                     # the frozen tokenizer
-    cond_vq: VQModel | None         # the frozen cond-stage tokenizer (image mode)
+    vq: stage1.Tokenizer            # the frozen tokenizer (conv VQGAN or ViT-VQGAN)
+    cond_vq: stage1.Tokenizer | None  # the frozen cond-stage tokenizer (image mode)
     conditioning: Conditioning
     tx: optax.GradientTransformation
     grid: tuple[int, int]           # code grid of one training crop
@@ -120,7 +119,7 @@ def _tokenizer_config(workdir: str, field: str) -> ml_collections.ConfigDict:
     return tok
 
 
-def _tokenizer(tok: ml_collections.ConfigDict) -> VQModel:
+def _tokenizer(tok: ml_collections.ConfigDict) -> stage1.Tokenizer:
     return stage1.build_models(tok)[0]
 
 
@@ -237,7 +236,7 @@ def prefix_and_codes(batch: dict[str, jax.Array], frozen: dict[str, Any], sc: St
     """
     x = batch["image"]  # float32[B, H, W, 3] in [-1, 1]
     b = x.shape[0]
-    codes = sc.vq.apply({"params": frozen["tokenizer"]}, x, method=VQModel.encode_to_indices)
+    codes = sc.vq.apply({"params": frozen["tokenizer"]}, x, method="encode_to_indices")
     codes = codes.reshape(b, -1).astype(jnp.int32)
     cond = sc.conditioning
     if cond.kind == "unconditional":
@@ -251,7 +250,7 @@ def prefix_and_codes(batch: dict[str, jax.Array], frozen: dict[str, Any], sc: St
         s = sc.cond_image_size
         x_c = jax.image.resize(x, (b, s, s, 3), "linear", antialias=True)
         prefix = cond.image_prefix(sc.cond_vq.apply({"params": frozen["cond_tokenizer"]}, x_c,
-                                                    method=VQModel.encode_to_indices))
+                                                    method="encode_to_indices"))
     return jax.lax.stop_gradient(prefix), jax.lax.stop_gradient(codes)
 
 
@@ -323,7 +322,9 @@ def jit_train_step(sc: StepConfig, mesh, state_shardings, frozen_shardings):
 def load_frozen(config: ml_collections.ConfigDict, sc: StepConfig, mesh) -> tuple[dict, dict]:
     """The tokenizers' generator parameters from their workdirs' latest checkpoints, on ``mesh``.
 
-    Only ``state.g_params`` is read (orbax partial restore); laid out by
+    Only the generator weights are read (orbax partial restore): ``state.g_ema_params`` if the
+    tokenizer run kept a generator EMA (its saved ``config.loss.ema_decay > 0``), else
+    ``state.g_params`` (:func:`vqgan_jax.trainers.tokenizer.eval_params_field`); laid out by
     :func:`parallel.state_shardings`.
 
     Returns:
@@ -339,7 +340,8 @@ def load_frozen(config: ml_collections.ConfigDict, sc: StepConfig, mesh) -> tupl
         abstract = jax.eval_shape(lambda: nn.meta.unbox(vq.init(
             jax.random.key(0), jnp.zeros((1, size, size, 3)))["params"]))
         shardings[name] = parallel.state_shardings(abstract, mesh)
-        frozen[name] = loop.restore_subtree(loop.absolute(workdir), field, "g_params",
+        params_field = stage1.eval_params_field(_tokenizer_config(workdir, field))
+        frozen[name] = loop.restore_subtree(loop.absolute(workdir), field, params_field,
                                             loop.abstract_like(abstract, shardings[name]))
     return frozen, shardings
 
@@ -360,7 +362,7 @@ def image_grid(images: np.ndarray, rows: int, gap: int = 2) -> np.ndarray:
 
 @functools.partial(jax.jit, static_argnames="vq")
 def _decode(params, codes, vq):
-    return jnp.clip(vq.apply({"params": params}, codes, method=VQModel.decode_from_indices)
+    return jnp.clip(vq.apply({"params": params}, codes, method="decode_from_indices")
                     .astype(jnp.float32), -1.0, 1.0)
 
 
