@@ -10,8 +10,18 @@ computing the same gradients (taming's: three backward passes through the genera
 fused step's saving is a ratio taken on the same machine.
 
 The last line printed is a JSON object: ``img_per_s``, ``step_ms``, ``tflop_per_image``
-(XLA's count for the compiled step, per image), ``achieved_tflops``, ``compile_s``, ``batch_size``,
-``variant``, ``device``, ``num_devices``.
+(XLA's count for the compiled step, per image), ``achieved_tflops`` and its alias ``tflops``,
+``mfu``, ``peak_tflops``, ``dtype``, ``compile_s``, ``batch_size``, ``variant``, ``device``,
+``num_devices``, ``mesh``, ``memory`` (the compiled step's per-device bytes,
+:func:`vqgan_jax.trainers.loop.compile_stats`).
+
+MFU (model FLOPs utilisation) = FLOPs per device per second / the device's peak, with the
+FLOPs from XLA's cost analysis of the compiled step (the partitioned program one device runs;
+``tflop_per_image`` and ``achieved_tflops`` multiply it by the device count, which counts work
+that a mesh replicates, e.g. over an unused tensor axis, more than once) and the peak from :data:`PEAK_TFLOPS`: dense (no 2:4 sparsity) tensor-core peaks; for ``--dtype=float32``
+the TF32 peak of GPUs (XLA runs float32 matmuls and convolutions in TF32 on A100/H100 unless
+``jax_default_matmul_precision=highest``) and the bf16 peak of TPUs (default precision passes
+float32 through the MXU in bf16). Unknown devices (e.g. CPU) get ``mfu: null``.
 """
 
 import functools
@@ -33,6 +43,28 @@ _BATCH = flags.DEFINE_integer("batch_size", None, "Global batch (default: the co
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps; 0 compiles and counts only.")
 _VARIANT = flags.DEFINE_enum("variant", "fused", ["fused", "reference"],
                              "fused: the training step; reference: taming's unfused gradients.")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
+                           "Compute dtype (default: the config's); parameters stay float32.")
+
+# Dense peak TFLOP/s per device, by jax's device_kind (prefix match) and compute dtype.
+PEAK_TFLOPS = {
+    "NVIDIA H100": {"bfloat16": 989.4, "float32": 494.7},     # SXM; tf32 for float32
+    "NVIDIA H200": {"bfloat16": 989.4, "float32": 494.7},
+    "NVIDIA A100": {"bfloat16": 312.0, "float32": 156.0},     # tf32 for float32
+    "TPU v4": {"bfloat16": 275.0, "float32": 275.0},
+    "TPU v5 lite": {"bfloat16": 197.0, "float32": 197.0},     # v5e
+    "TPU v5e": {"bfloat16": 197.0, "float32": 197.0},
+    "TPU v5p": {"bfloat16": 459.0, "float32": 459.0},
+    "TPU v5": {"bfloat16": 459.0, "float32": 459.0},          # v5p reports "TPU v5"
+}
+
+
+def peak_tflops(device_kind: str, dtype: str) -> float | None:
+    """The per-device dense peak for ``dtype`` (TFLOP/s), or None for an unknown device."""
+    for kind in sorted(PEAK_TFLOPS, key=len, reverse=True):
+        if device_kind.startswith(kind):
+            return PEAK_TFLOPS[kind][dtype]
+    return None
 
 
 def reference_step(state, batch, lpips_params, sc):
@@ -52,14 +84,17 @@ def main(argv):
     config = _CONFIG.value
     if _BATCH.value is not None:
         config.batch_size = _BATCH.value
+    if _DTYPE.value is not None:
+        config.dtype = _DTYPE.value
     config.loss.disc_start = 0  # time the full step, adversarial terms on
     T.validate_config(config, jax.device_count())
-    mesh = parallel.create_mesh(config.mesh.data, config.mesh.fsdp)
+    mesh = parallel.mesh_from_config(config)
+    rules = parallel.rules_from_config(config)
     sc = T.build_step_config(config)
     state, shardings = loop.create_sharded_state(
         functools.partial(T.init_state, sc=sc, image_size=config.image_size),
-        jax.random.key(0), mesh)
-    lpips_params = jax.device_put(load_lpips_params(), parallel.replicated(mesh))
+        jax.random.key(0), mesh, rules)
+    lpips_params = jax.device_put(load_lpips_params(), T.lpips_shardings(mesh, rules))
     if _VARIANT.value == "fused":
         step = T.jit_train_step(sc, mesh, shardings, lpips_params)
     else:
@@ -69,15 +104,22 @@ def main(argv):
     batch = parallel.global_batch({"image": images.astype(np.float32)}, mesh)
 
     t0 = time.perf_counter()
-    compiled = step.lower(state, batch, lpips_params).compile()
+    compiled = loop.compile_step(step, (state, batch, lpips_params), mesh=mesh, rules=rules,
+                                 name=f"{_VARIANT.value} step")
     compile_s = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost["flops"])
+    stats = loop.compile_stats(compiled)
+    flops = stats["flops"] * jax.device_count()  # the cost analysis is per device
+    device = jax.devices()[0].device_kind
+    peak = peak_tflops(device, config.dtype)
     result = dict(variant=_VARIANT.value, batch_size=config.batch_size, image_size=size,
-                  device=jax.devices()[0].device_kind, num_devices=jax.device_count(),
-                  compile_s=round(compile_s, 2), tflop_per_image=flops / config.batch_size / 1e12,
-                  step_ms=None, img_per_s=None, achieved_tflops=None)
+                  dtype=config.dtype, device=device, num_devices=jax.device_count(),
+                  mesh=dict(mesh.shape), compile_s=round(compile_s, 2),
+                  tflop_per_image=flops / config.batch_size / 1e12,
+                  memory={k: stats[k] for k in ("argument_bytes", "output_bytes", "alias_bytes",
+                                                "temp_bytes", "generated_code_bytes")},
+                  peak_tflops=peak, step_ms=None, img_per_s=None, achieved_tflops=None,
+                  tflops=None, mfu=None,
+                  mfu_note=None if peak else f"no peak FLOP/s known for {device!r}: MFU not given")
     if _STEPS.value > 0:
         state, metrics = compiled(state, batch, lpips_params)  # warm-up
         jax.block_until_ready(metrics)
@@ -86,8 +128,10 @@ def main(argv):
             state, metrics = compiled(state, batch, lpips_params)
         jax.block_until_ready((state, metrics))
         seconds = (time.perf_counter() - t0) / _STEPS.value
+        tflops = flops / seconds / 1e12
         result.update(step_ms=1e3 * seconds, img_per_s=config.batch_size / seconds,
-                      achieved_tflops=flops / seconds / 1e12)
+                      achieved_tflops=tflops, tflops=tflops,
+                      mfu=tflops / jax.device_count() / peak if peak else None)
     print(json.dumps(result))
 
 

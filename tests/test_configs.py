@@ -43,7 +43,7 @@ def test_config_trains_one_step_at_tiny_size(name):
     mesh = parallel.create_mesh(devices=jax.devices()[:1])
     state, shardings = loop.create_sharded_state(
         functools.partial(T.init_state, sc=sc, image_size=config.image_size),
-        jax.random.key(0), mesh)
+        jax.random.key(0), mesh, parallel.rules_from_config(config))
     lpips_params = load_lpips_params()
     step = T.jit_train_step(sc, mesh, shardings, lpips_params)
     images = np.random.default_rng(0).uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32)

@@ -1,8 +1,10 @@
-"""launch/tpu_pod.sh in dry-run mode: the commands it would send to every TPU worker."""
+"""launch/tpu_pod.sh and launch/slurm_gpu.sh in dry-run mode: the commands they would run."""
 
 import os
 import shlex
 import subprocess
+
+import pytest
 
 from conftest import ROOT, load_config
 
@@ -45,3 +47,36 @@ def test_tpu_pod_script_requires_its_variables():
     result = subprocess.run(["bash", str(ROOT / "launch" / "tpu_pod.sh")], env=env,
                             capture_output=True, text=True)
     assert result.returncode != 0 and "TPU" in result.stderr
+
+
+def slurm_dry_run(**env):
+    env = dict({k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
+               DRY_RUN="1", **env)
+    out = subprocess.run(["bash", str(ROOT / "launch" / "slurm_gpu.sh")], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    return [shlex.split(line) for line in out.splitlines()]
+
+
+@pytest.mark.parametrize("config_name", ["imagenet_f16", "imagenet_cond_transformer"])
+def test_slurm_script_runs_main_once_per_gpu_with_valid_flags(config_name):
+    (cmd,) = slurm_dry_run(CONFIG=f"configs/{config_name}.py", WORKDIR="/shared/runs/x",
+                           BATCH_SIZE="512", FSDP="8", TENSOR="2", DATA_DIR="/shared/tfds",
+                           EXTRA="--config.num_train_steps=1000 --config.log_every_steps=10")
+    assert cmd[0] == "srun" and "--gpus-per-task=1" in cmd
+    main = cmd.index("vqgan_jax.main")
+    assert cmd[main - 1] == "-m"
+    flags = dict(a.lstrip("-").split("=", 1) if "=" in a else (a.lstrip("-"), True)
+                 for a in cmd[main + 1:])
+    assert flags.pop("distributed") is True
+    assert flags.pop("workdir") == "/shared/runs/x"
+    assert (ROOT / flags.pop("config")).is_file()
+    assert flags == {"config.batch_size": "512", "config.mesh.fsdp": "8",
+                     "config.mesh.tensor": "2", "config.dtype": "bfloat16",
+                     "config.model.remat": "False", "config.data_dir": "/shared/tfds",
+                     "config.num_train_steps": "1000", "config.log_every_steps": "10"}
+    config = load_config(config_name)
+    for name in flags:  # every override names a real config field
+        node = config
+        for part in name.split(".")[1:]:
+            assert part in node, name
+            node = node[part]

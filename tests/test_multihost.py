@@ -54,7 +54,7 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
     logs = launch(3)
     for log in logs:
         assert "2 processes, 2 devices" in log
-        assert "on a {'data': 2, 'fsdp': 1} mesh" in log
+        assert "on a {'data': 2, 'fsdp': 1, 'tensor': 1} mesh" in log
     with ocp.CheckpointManager(workdir / "checkpoints") as manager:
         assert manager.all_steps() == [2, 3]
     assert json.loads((workdir / "metrics.json").read_text())["step"] == 3

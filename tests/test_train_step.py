@@ -32,7 +32,7 @@ def tiny_setup(disc_start=0, devices=None, mesh_shape=(1, 1), **loss):
     mesh = parallel.create_mesh(*mesh_shape, devices=devices or jax.devices()[:1])
     state, shardings = loop.create_sharded_state(
         functools.partial(T.init_state, sc=sc, image_size=config.image_size),
-        jax.random.key(0), mesh)
+        jax.random.key(0), mesh, parallel.rules_from_config(config))
     images = jax.random.uniform(jax.random.key(7), (8, 32, 32, 3), minval=-1, maxval=1)
     batch = parallel.global_batch({"image": np.asarray(images)}, mesh)
     return config, sc, mesh, state, shardings, batch

@@ -7,6 +7,25 @@ Every field is read by some code; comments give units and meaning.
 import ml_collections
 
 from vqgan_jax.models.vit_vqgan import VIT_SIZES
+# Logical-axis rules, (logical name, mesh axis | mesh axes | None), first free match wins
+# (flax.linen.logical_to_mesh_axes). Parameter names come from vqgan_jax/models.
+_CONV_RULES = (
+    ("conv_out", "fsdp"),               # conv kernels [kh, kw, in, out] and biases: out channels
+    ("codebook_n", "fsdp"),             # the codebook [n_embed, embed_dim]: its rows
+)
+TOKENIZER_RULES = (
+    ("activation_batch", ("data", "fsdp")),  # activations' batch axis
+    ("embed", "fsdp"),                  # the ViT-VQGAN's model width (its matrices)
+    *_CONV_RULES,
+)
+TRANSFORMER_RULES = (
+    ("activation_batch", ("data", "fsdp")),
+    ("embed", "fsdp"),                  # model width of every GPT matrix
+    ("heads", "tensor"),                # attention q/k/v outputs and c_proj inputs
+    ("mlp", "tensor"),                  # the 4x MLP hidden units
+    ("vocab", "tensor"),                # token embedding rows and head outputs
+    *_CONV_RULES,                       # the frozen tokenizer(s)
+)
 
 
 def tokenizer_config() -> ml_collections.ConfigDict:
@@ -34,6 +53,9 @@ def tokenizer_config() -> ml_collections.ConfigDict:
         ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
         z_channels=256, embed_dim=256, n_embed=1024, beta=0.25, l2_normalize_codes=False,
         dropout=0.0, norm_groups=32))
+    # Rematerialize each ResnetBlock/AttnBlock in the backward pass (less activation memory,
+    # about one more forward pass of compute).
+    c.model.remat = False
     c.dtype = "float32"                 # compute dtype: float32 | bfloat16 (params stay float32)
 
     # Quantizer (models.quantizers.make_quantizer); the codebook shape stays in config.model
@@ -94,8 +116,13 @@ def tokenizer_config() -> ml_collections.ConfigDict:
     # Adam for both generator and discriminator; lr = base_learning_rate * batch_size.
     c.optimizer = ml_collections.ConfigDict(dict(base_learning_rate=4.5e-6, b1=0.5, b2=0.9))
 
-    # Device mesh: data x fsdp = number of devices; -1 takes what the other axis leaves.
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    # Device mesh: data x fsdp x tensor = number of devices; one of them may be -1 (the rest).
+    # The batch is split over data and fsdp; parameters and optimizer states over fsdp.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # Logical axis (on parameters and activations, see vqgan_jax/parallel.py) -> mesh axes.
+    # Names without a rule, dims the mesh axes do not divide and arrays under 4096 elements
+    # are replicated. Nothing here uses `tensor`: keep mesh.tensor=1 for the tokenizer.
+    c.sharding_rules = TOKENIZER_RULES
 
     # Logging, evaluation, checkpoints (in steps).
     c.log_every_steps = 100
@@ -127,7 +154,7 @@ def vit_vqgan_model(encoder: str = "small", decoder: str = "small", patch_size: 
         enc_mlp_dim=enc["mlp_dim"],
         dec_layers=dec["layers"], dec_width=dec["width"], dec_heads=dec["heads"],
         dec_mlp_dim=dec["mlp_dim"],
-        embed_dim=embed_dim, n_embed=n_embed, beta=0.25, dropout=0.0))
+        embed_dim=embed_dim, n_embed=n_embed, beta=0.25, dropout=0.0, remat=False))
 
 
 def transformer_config() -> ml_collections.ConfigDict:
@@ -162,14 +189,19 @@ def transformer_config() -> ml_collections.ConfigDict:
     # GPT (models.gpt.GPT fields; vocab_size and n_cond_tokens come from the tokenizers).
     c.model = ml_collections.ConfigDict(dict(
         block_size=256, n_layer=24, n_head=16, n_embd=1024, dropout=0.0))
+    c.model.remat = False               # rematerialize each GPT block in the backward pass
     c.dtype = "float32"                 # compute dtype: float32 | bfloat16 (params stay float32)
 
     # AdamW (minGPT: weight decay on Dense kernels only); lr = base_learning_rate * batch_size.
     c.optimizer = ml_collections.ConfigDict(dict(
         base_learning_rate=4.5e-6, b1=0.9, b2=0.95, weight_decay=0.01))
 
-    # Device mesh: data x fsdp = number of devices; -1 takes what the other axis leaves.
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    # Device mesh: data x fsdp x tensor = number of devices; one of them may be -1 (the rest).
+    # tensor > 1 splits the GPT's heads, MLP and vocabulary (Megatron-style); the batch is
+    # split over data and fsdp only.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # Logical axis -> mesh axes (see tokenizer_config); the frozen tokenizers use the conv rules.
+    c.sharding_rules = TRANSFORMER_RULES
 
     # Samples written to workdir/samples.png at the end (a row per class; num_per_row=0: none).
     c.sample = ml_collections.ConfigDict(dict(

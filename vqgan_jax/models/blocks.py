@@ -9,7 +9,9 @@ these modules one tensor per tensor: ``norm1``, ``conv1``, ``norm2``, ``conv2``,
 All activations are NHWC. ``dtype`` is the compute dtype; parameters are always float32 and
 GroupNorm statistics are reduced in float32. Every parameter carries logical axis names
 (``conv_h, conv_w, conv_in, conv_out`` for kernels, ``conv_out`` for biases, ``norm`` for
-GroupNorm scale and bias) for the mesh rules in :mod:`vqgan_jax.parallel`.
+GroupNorm scale and bias) for the mesh rules in :mod:`vqgan_jax.parallel`. Block outputs are
+constrained to ``ACTIVATION_AXES`` (batch split over the data axes) when a step is traced
+under logical-axis rules and a mesh; elsewhere the constraint is a no-op.
 """
 
 from typing import Any
@@ -24,6 +26,12 @@ Dtype = Any
 # is variance scaling 1/3 on fan_in; taming trains from it, so we start from the same place.
 _torch_conv_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 KERNEL_AXES = ("conv_h", "conv_w", "conv_in", "conv_out")
+ACTIVATION_AXES = ("activation_batch", None, None, None)   # NHWC activations
+
+
+def constrain(x: jax.Array) -> jax.Array:
+    """``x: [B, H, W, C]`` with its batch axis laid out by the ``activation_batch`` rule."""
+    return nn.with_logical_constraint(x, ACTIVATION_AXES)
 
 
 def conv(features: int, kernel_size: int, *, stride: int = 1, padding: Any = "SAME",
@@ -69,7 +77,7 @@ class ResnetBlock(nn.Module):
         h = conv(self.out_channels, 3, dtype=self.dtype, name="conv2")(h)
         if x.shape[-1] != self.out_channels:
             x = conv(self.out_channels, 1, dtype=self.dtype, name="nin_shortcut")(x)
-        return x + h
+        return constrain(x + h)
 
 
 class AttnBlock(nn.Module):
@@ -90,7 +98,7 @@ class AttnBlock(nn.Module):
         scores = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32)
         probs = jax.nn.softmax(scores * c ** -0.5, axis=-1).astype(v.dtype)
         y = jnp.einsum("bqk,bkc->bqc", probs, v).reshape(b, h, w, c)
-        return x + conv(c, 1, dtype=self.dtype, name="proj_out")(y)
+        return constrain(x + conv(c, 1, dtype=self.dtype, name="proj_out")(y))
 
 
 class Downsample(nn.Module):

@@ -12,7 +12,10 @@ with ``cache`` writes the keys and values of its ``T`` tokens at positions
 can be written in one call and then one token a call (see :mod:`vqgan_jax.sampling`).
 
 Every parameter carries logical axis names (``embed``, ``heads``, ``mlp``, ``vocab``; position
-tables have ``None`` on their position axis) through ``nn.with_logical_partitioning``.
+tables have ``None`` on their position axis) through ``nn.with_logical_partitioning``. The
+residual stream ``[B, T, n_embd]`` is constrained to ``("activation_batch", "activation_length",
+"activation_embed")`` after the embeddings and every block (a no-op unless a step is traced under
+logical-axis rules and a mesh, see :mod:`vqgan_jax.parallel`).
 """
 
 from typing import Any
@@ -25,6 +28,7 @@ Dtype = Any
 Cache = list[tuple[jax.Array, jax.Array]]  # per layer (k, v): [B, n_head, block_size, head_dim]
 
 _INIT = nn.initializers.normal(stddev=0.02)  # minGPT's init for linear and embedding weights
+RESIDUAL_AXES = ("activation_batch", "activation_length", "activation_embed")
 
 
 def _dense(features: int, axes: tuple[str, str], dtype: Dtype, name: str) -> nn.Dense:
@@ -108,6 +112,8 @@ class GPT(nn.Module):
       block_size: most tokens one sequence can hold (position embeddings, KV cache length).
       n_layer, n_head, n_embd: depth, attention heads, width (``n_embd % n_head == 0``).
       dropout: dropout on embeddings, attention weights and residual branches (training only).
+      remat: rematerialize each block in the backward pass (same parameters and results; less
+        activation memory for about one more forward pass).
       dtype: compute dtype (bfloat16 on accelerators); parameters are float32.
     """
     vocab_size: int
@@ -118,6 +124,7 @@ class GPT(nn.Module):
     n_cond_tokens: int = 0
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
+    remat: bool = False
 
     def setup(self):
         self.wte = nn.Embed(self.vocab_size + self.n_cond_tokens, self.n_embd, dtype=self.dtype,
@@ -125,7 +132,9 @@ class GPT(nn.Module):
         self.wpe = self.param("wpe", nn.with_logical_partitioning(_INIT, (None, "embed")),
                               (self.block_size, self.n_embd))
         self.drop = nn.Dropout(self.dropout)
-        self.blocks = [Block(self.n_head, self.block_size, self.dropout, self.dtype,
+        # train (4th call argument after self) stays static under remat.
+        block = nn.remat(Block, static_argnums=(4,)) if self.remat else Block
+        self.blocks = [block(self.n_head, self.block_size, self.dropout, self.dtype,
                              name=f"h_{i}") for i in range(self.n_layer)]
         self.ln_f = _layer_norm(self.dtype, "ln_f")
         self.head = nn.Dense(self.vocab_size, use_bias=False, dtype=self.dtype,
@@ -151,10 +160,11 @@ class GPT(nn.Module):
             raise ValueError(f"{t} tokens exceed block_size={self.block_size}.")
         wpe = jax.lax.dynamic_slice_in_dim(jnp.asarray(self.wpe), pos, t, axis=0)
         x = self.wte(tokens) + wpe.astype(self.dtype)[None]
-        x = self.drop(x, deterministic=not train)
+        x = nn.with_logical_constraint(self.drop(x, deterministic=not train), RESIDUAL_AXES)
         new_cache = []
         for i, block in enumerate(self.blocks):
             x, layer_cache = block(x, None if cache is None else cache[i], pos, train)
+            x = nn.with_logical_constraint(x, RESIDUAL_AXES)
             new_cache.append(layer_cache)
         logits = self.head(self.ln_f(x)).astype(jnp.float32)
         return logits, (None if cache is None else new_cache)

@@ -140,15 +140,18 @@ class _Transformer(nn.Module):
     mlp_dim: int
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, h: jax.Array, train: bool = False) -> jax.Array:
+        # train (2nd call argument after self) stays static under remat.
+        block = nn.remat(TransformerBlock, static_argnums=(2,)) if self.remat else TransformerBlock
         pos = self.param("pos_embedding", nn.with_logical_partitioning(_POS_INIT, (None, "embed")),
                          (self.grid * self.grid, self.width), jnp.float32)
         h = h + jnp.asarray(pos).astype(self.dtype)[None]
         for i in range(self.layers):
-            h = TransformerBlock(self.heads, self.mlp_dim, self.dropout, self.dtype,
-                                 name=f"block_{i}")(h, train)
+            h = block(self.heads, self.mlp_dim, self.dropout, self.dtype,
+                      name=f"block_{i}")(h, train)
         return _layer_norm(self.dtype, "ln_f")(h)
 
 
@@ -167,6 +170,7 @@ class ViTEncoder(nn.Module):
     mlp_dim: int
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -174,7 +178,7 @@ class ViTEncoder(nn.Module):
         shape = t.shape[:3]
         h = _dense(self.width, (None, "embed"), self.dtype, "patch_embed")(to_windows(t, self.grid))
         h = _Transformer(self.grid, self.layers, self.width, self.heads, self.mlp_dim,
-                         self.dropout, self.dtype, name="transformer")(h, train)
+                         self.dropout, self.dtype, self.remat, name="transformer")(h, train)
         h = jnp.tanh(_dense(self.mlp_dim, ("embed", "mlp"), self.dtype, "head_fc")(h))
         h = _dense(self.width, ("mlp", "embed"), self.dtype, "head_out")(h)
         return from_windows(h, shape, self.grid)
@@ -196,10 +200,11 @@ class ViTDecoder(nn.Module):
     dropout: float = 0.0
     out_ch: int = 3
     dtype: Dtype = jnp.float32
+    remat: bool = False
 
     def setup(self):
         self.transformer = _Transformer(self.grid, self.layers, self.width, self.heads,
-                                        self.mlp_dim, self.dropout, self.dtype)
+                                        self.mlp_dim, self.dropout, self.dtype, self.remat)
         self.head_fc = _dense(self.mlp_dim, ("embed", "mlp"), self.dtype, "head_fc")
         self.to_pixels = _dense(self.patch_size ** 2 * self.out_ch, ("mlp", None), self.dtype,
                                 "to_pixels")
@@ -237,6 +242,8 @@ class ViTVQModel(nn.Module):
       quantizer: ``config.quantizer`` as sorted ``((name, value), ...)``
         (:func:`vqgan_jax.models.quantizers.quantizer_fields`); ``()`` is plain VQ. vq and
         ema_vq look up l2-normalized codes; fsq, lfq and gumbel have no normalized form.
+      remat: rematerialize every transformer block in the backward pass (same parameters
+        and results; less activation memory for more compute).
       dtype: compute dtype (parameters are float32; quantizer distances in float32).
 
     Images are float[B, H, W, 3] in [-1, 1] with H, W divisible by patch_size; codes are
@@ -257,6 +264,7 @@ class ViTVQModel(nn.Module):
     beta: float = 0.25
     dropout: float = 0.0
     quantizer: tuple = ()
+    remat: bool = False
     dtype: Dtype = jnp.float32
 
     # Parameter path of the decoder's last layer (its "kernel" is W in the adaptive weight).
@@ -265,9 +273,11 @@ class ViTVQModel(nn.Module):
     def setup(self):
         grid = self.resolution // self.patch_size
         self.encoder = ViTEncoder(self.patch_size, grid, self.enc_layers, self.enc_width,
-                                  self.enc_heads, self.enc_mlp_dim, self.dropout, self.dtype)
+                                  self.enc_heads, self.enc_mlp_dim, self.dropout, self.dtype,
+                                  self.remat)
         self.decoder = ViTDecoder(self.patch_size, grid, self.dec_layers, self.dec_width,
-                                  self.dec_heads, self.dec_mlp_dim, self.dropout, dtype=self.dtype)
+                                  self.dec_heads, self.dec_mlp_dim, self.dropout, dtype=self.dtype,
+                                  remat=self.remat)
         self.quant_proj = _dense(self.embed_dim, ("embed", "codebook_d"), self.dtype, "quant_proj")
         self.post_quant_proj = _dense(self.dec_width, ("codebook_d", "embed"), self.dtype,
                                       "post_quant_proj")

@@ -9,6 +9,7 @@ names turn taming's dotted keys into flax paths by joining ``down.i.block.j`` /
 :mod:`vqgan_jax.interop.taming` converts checkpoints both ways.
 """
 
+import functools
 from typing import Any, ClassVar, Sequence
 
 import flax.linen as nn
@@ -21,19 +22,30 @@ from vqgan_jax.models.quantizers import make_quantizer
 Dtype = Any
 
 
+@functools.cache
+def _blocks(remat: bool) -> tuple[type[ResnetBlock], type[AttnBlock]]:
+    """ResnetBlock and AttnBlock, wrapped in ``nn.remat`` when ``remat`` (the parameter tree is
+    the same either way; ``train``, ResnetBlock's 2nd call argument, stays static)."""
+    if not remat:
+        return ResnetBlock, AttnBlock
+    return nn.remat(ResnetBlock, static_argnums=(2,)), nn.remat(AttnBlock)
+
+
 class _Mid(nn.Module):
     """ResnetBlock -> AttnBlock -> ResnetBlock at the lowest resolution."""
     channels: int
     dropout: float
     norm_groups: int
     dtype: Dtype
+    remat: bool = False
 
     @nn.compact
     def __call__(self, h: jax.Array, train: bool) -> jax.Array:
         kw = dict(dropout=self.dropout, norm_groups=self.norm_groups, dtype=self.dtype)
-        h = ResnetBlock(self.channels, **kw, name="block_1")(h, train)
-        h = AttnBlock(self.norm_groups, self.dtype, name="attn_1")(h)
-        return ResnetBlock(self.channels, **kw, name="block_2")(h, train)
+        resnet, attn = _blocks(self.remat)
+        h = resnet(self.channels, **kw, name="block_1")(h, train)
+        h = attn(self.norm_groups, self.dtype, name="attn_1")(h)
+        return resnet(self.channels, **kw, name="block_2")(h, train)
 
 
 class Encoder(nn.Module):
@@ -53,10 +65,12 @@ class Encoder(nn.Module):
     dropout: float = 0.0
     norm_groups: int = 32
     dtype: Dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         kw = dict(dropout=self.dropout, norm_groups=self.norm_groups, dtype=self.dtype)
+        ResnetBlock, AttnBlock = _blocks(self.remat)  # noqa: N806 (classes)
         h = conv(self.ch, 3, dtype=self.dtype, name="conv_in")(x.astype(self.dtype))
         res = self.resolution
         for i, mult in enumerate(self.ch_mult):
@@ -67,7 +81,8 @@ class Encoder(nn.Module):
             if i != len(self.ch_mult) - 1:
                 h = Downsample(self.dtype, name=f"down_{i}_downsample")(h)
                 res //= 2
-        h = _Mid(h.shape[-1], self.dropout, self.norm_groups, self.dtype, name="mid")(h, train)
+        h = _Mid(h.shape[-1], self.dropout, self.norm_groups, self.dtype, self.remat,
+                 name="mid")(h, train)
         h = nn.swish(group_norm(self.norm_groups, self.dtype, "norm_out")(h))
         return conv(self.z_channels, 3, dtype=self.dtype, name="conv_out")(h)
 
@@ -90,14 +105,16 @@ class Decoder(nn.Module):
     dropout: float = 0.0
     norm_groups: int = 32
     dtype: Dtype = jnp.float32
+    remat: bool = False
 
     def setup(self):
         kw = dict(dropout=self.dropout, norm_groups=self.norm_groups, dtype=self.dtype)
+        ResnetBlock, AttnBlock = _blocks(self.remat)  # noqa: N806 (classes)
         n = len(self.ch_mult)
         block_in = self.ch * self.ch_mult[-1]
         res = self.resolution // 2 ** (n - 1)
         self.conv_in = conv(block_in, 3, dtype=self.dtype)
-        self.mid = _Mid(block_in, self.dropout, self.norm_groups, self.dtype)
+        self.mid = _Mid(block_in, self.dropout, self.norm_groups, self.dtype, self.remat)
         levels = []
         for i in reversed(range(n)):
             blocks = [ResnetBlock(self.ch * self.ch_mult[i], **kw, name=f"up_{i}_block_{j}")
@@ -145,6 +162,8 @@ class VQModel(nn.Module):
         by :func:`vqgan_jax.models.quantizers.make_quantizer`; ``()`` is plain VQ. Every kind
         is the submodule ``quantize``; plain VQ's parameters are exactly taming's.
       norm_groups: GroupNorm groups (32 in taming).
+      remat: rematerialize every ResnetBlock and AttnBlock in the backward pass (same
+        parameters and results; less activation memory for about one more forward pass).
       dtype: compute dtype (parameters are float32; quantizer distances run in float32).
 
     Images are float[B, H, W, 3] in [-1, 1] with H, W divisible by f = 2**(len(ch_mult)-1);
@@ -164,6 +183,7 @@ class VQModel(nn.Module):
     norm_groups: int = 32
     quantizer: tuple = ()
     dtype: Dtype = jnp.float32
+    remat: bool = False
 
     # Parameter path of the decoder's last layer (its "kernel" is W in the adaptive weight).
     last_layer_path: ClassVar[tuple[str, ...]] = ("decoder", "conv_out")
@@ -172,7 +192,7 @@ class VQModel(nn.Module):
         layout = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
                       attn_resolutions=tuple(self.attn_resolutions), z_channels=self.z_channels,
                       resolution=self.resolution, dropout=self.dropout,
-                      norm_groups=self.norm_groups, dtype=self.dtype)
+                      norm_groups=self.norm_groups, dtype=self.dtype, remat=self.remat)
         self.encoder = Encoder(**layout)
         self.decoder = Decoder(**layout)
         self.quant_conv = conv(self.embed_dim, 1, dtype=self.dtype)

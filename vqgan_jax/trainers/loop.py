@@ -1,5 +1,6 @@
 """What every trainer shares: sharded state creation, checkpoints, writers, config checks."""
 
+import functools
 import json
 import os
 import signal
@@ -19,18 +20,99 @@ from vqgan_jax import parallel
 from vqgan_jax.trainers.writers import JsonlWriter, metric_writers
 
 
-def create_sharded_state(init_fn: Callable[[jax.Array], Any], rng: jax.Array,
-                         mesh: Mesh) -> tuple[Any, Any]:
+def create_sharded_state(init_fn: Callable[..., Any], rng: jax.Array, mesh: Mesh,
+                         rules: parallel.Rules = ()) -> tuple[Any, Any]:
     """Build ``init_fn(rng)`` directly on the mesh, never materialised on one device.
+
+    ``init_fn(rng, boxed=True)`` must return the state with its parameters (and the optimizer
+    states made from them) still in their ``nn.LogicallyPartitioned`` boxes; it is only traced
+    (``jax.eval_shape``) to read the logical axis names. ``init_fn(rng)`` returns the plain
+    state that is built, jitted with the resulting ``out_shardings``.
+
+    Args:
+      rules: logical-axis rules (:func:`vqgan_jax.parallel.rules_from_config`); empty: every
+        array replicated.
 
     Returns:
       ``(state, shardings)``: the state with every array laid out by
       :func:`vqgan_jax.parallel.state_shardings`, and that pytree of NamedShardings.
     """
-    abstract = jax.eval_shape(init_fn, rng)
-    shardings = parallel.state_shardings(abstract, mesh)
+    abstract = jax.eval_shape(functools.partial(init_fn, boxed=True), rng)
+    shardings = parallel.state_shardings(abstract, mesh, rules)
     state = jax.jit(init_fn, out_shardings=shardings)(rng)
     return state, shardings
+
+
+def compile_step(step_fn: Any, args: tuple, *, mesh: Mesh, rules: parallel.Rules,
+                 workdir: str | None = None, name: str = "train_step") -> Any:
+    """Lower and compile the jitted ``step_fn`` for ``args`` ahead of the first step, log its
+    memory and cost analysis, and return the compiled executable (used for every step, so the
+    step is compiled once).
+
+    Tracing happens under :func:`vqgan_jax.parallel.sharding_context`, so the models'
+    activation constraints apply. ``args`` may hold ShapeDtypeStructs with shardings (the batch
+    before it exists, :func:`vqgan_jax.parallel.abstract_batch`); the executable then takes
+    arrays of exactly those shapes, dtypes and shardings.
+
+    Writes ``workdir/compile_stats.json`` (process 0) with :func:`compile_stats`.
+    """
+    t0 = time.perf_counter()
+    with parallel.sharding_context(mesh, rules):
+        lowered = step_fn.lower(*args)
+    compiled = lowered.compile()
+    stats = dict(compile_stats(compiled), name=name, compile_s=round(time.perf_counter() - t0, 3),
+                 mesh=dict(mesh.shape), device_kind=jax.devices()[0].device_kind,
+                 num_devices=jax.device_count())
+    mib = lambda k: (stats.get(k) or 0) / 2 ** 20
+    logging.info("Compiled %s in %.1f s on a %s mesh: per device %.1f MiB arguments, %.1f MiB "
+                 "outputs (%.1f MiB aliased), %.1f MiB temporaries, %.1f MiB code; %.3g FLOPs "
+                 "per device (XLA's count for one step)", name, stats["compile_s"], stats["mesh"],
+                 mib("argument_bytes"), mib("output_bytes"), mib("alias_bytes"),
+                 mib("temp_bytes"), mib("generated_code_bytes"), stats.get("flops") or 0.0)
+    if workdir is not None and jax.process_index() == 0:
+        write_json(os.path.join(workdir, "compile_stats.json"), stats)
+    return compiled
+
+
+_MEMORY_FIELDS = {"argument_bytes": "argument_size_in_bytes",
+                  "output_bytes": "output_size_in_bytes", "alias_bytes": "alias_size_in_bytes",
+                  "temp_bytes": "temp_size_in_bytes",
+                  "generated_code_bytes": "generated_code_size_in_bytes",
+                  "peak_bytes": "peak_memory_in_bytes"}
+
+
+def compile_stats(compiled: Any) -> dict[str, float | None]:
+    """XLA's memory and cost analysis of a compiled executable, per device.
+
+    Returns:
+      ``argument_bytes``, ``output_bytes``, ``alias_bytes`` (outputs that reuse donated
+      arguments), ``temp_bytes``, ``generated_code_bytes``, ``peak_bytes`` (ints; None where the
+      backend reports no memory analysis or lacks the field), ``flops`` and ``bytes_accessed``
+      (floats from the cost analysis; None where it gives none). On the CPU backend
+      ``peak_bytes`` is 0. Both analyses describe the partitioned program that one device
+      runs: the FLOPs of a step over N devices are about N x ``flops``.
+    """
+    stats: dict[str, float | None] = {k: None for k in (*_MEMORY_FIELDS, "flops",
+                                                        "bytes_accessed")}
+    try:
+        memory = compiled.memory_analysis()
+    except (NotImplementedError, RuntimeError, AttributeError):  # some backends have none
+        memory = None
+    if memory is not None:
+        for ours, xla in _MEMORY_FIELDS.items():
+            value = getattr(memory, xla, None)
+            stats[ours] = None if value is None else int(value)
+    try:
+        cost = compiled.cost_analysis()
+    except (NotImplementedError, RuntimeError, AttributeError):
+        cost = None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    if cost:
+        stats["flops"] = float(cost["flops"]) if "flops" in cost else None
+        stats["bytes_accessed"] = (float(cost["bytes accessed"]) if "bytes accessed" in cost
+                                   else None)
+    return stats
 
 
 def checkpoint_manager(workdir: str, *, max_to_keep: int,

@@ -134,9 +134,12 @@ def build_step_config(config: ml_collections.ConfigDict) -> StepConfig:
                       **config.loss.to_dict())
 
 
-def init_state(rng: jax.Array, sc: StepConfig, image_size: int) -> TrainState:
+def init_state(rng: jax.Array, sc: StepConfig, image_size: int, boxed: bool = False
+               ) -> TrainState:
     """Fresh parameters and optimizer states (float32), unboxed from their logical axes.
 
+    ``boxed=True`` keeps the ``nn.LogicallyPartitioned`` boxes on the parameters and their
+    optimizer states (for :func:`loop.create_sharded_state` to read the axis names).
     ``g_ema_params`` starts as a copy of ``g_params`` (when ``ema_decay > 0``), the LeCAM
     anchors at 0 (when ``lecam_weight > 0``); both are None otherwise.
     """
@@ -144,9 +147,11 @@ def init_state(rng: jax.Array, sc: StepConfig, image_size: int) -> TrainState:
     # The StyleGAN discriminator's minibatch-stddev groups need as many images as a group.
     batch = getattr(sc.disc, "mbstd_group_size", 1)
     x = jnp.zeros((batch, image_size, image_size, 3), jnp.float32)
-    g_vars = nn.meta.unbox(sc.vq.init(g_rng, x[:1]))
+    g_vars = sc.vq.init(g_rng, x[:1])
+    d_vars = sc.disc.init(d_rng, x, train=False)
+    if not boxed:
+        g_vars, d_vars = nn.meta.unbox((g_vars, d_vars))
     g_params = g_vars["params"]
-    d_vars = nn.meta.unbox(sc.disc.init(d_rng, x, train=False))
     return TrainState(step=jnp.zeros((), jnp.int32), g_params=g_params,
                       d_params=d_vars["params"], d_batch_stats=d_vars.get("batch_stats", {}),
                       g_opt_state=sc.g_tx.init(g_params),
@@ -447,13 +452,28 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], lpips_params: Any
 
 
 def jit_train_step(sc: StepConfig, mesh, state_shardings, lpips_params):
-    """``train_step`` jitted once with shardings over ``mesh``; the state is donated."""
+    """``train_step`` jitted once with shardings over ``mesh``; the state is donated.
+
+    ``lpips_params`` keep the shardings they have (:func:`lpips_shardings`); host arrays are
+    taken replicated.
+    """
+    lpips_in = jax.tree.map(lambda x: x.sharding if isinstance(x, jax.Array)
+                            and isinstance(x.sharding, jax.sharding.NamedSharding)
+                            and x.sharding.mesh == mesh else parallel.replicated(mesh),
+                            lpips_params)
     return jax.jit(
         functools.partial(train_step, sc=sc),
-        in_shardings=(state_shardings, parallel.batch_sharding(mesh),
-                      jax.tree.map(lambda _: parallel.replicated(mesh), lpips_params)),
+        in_shardings=(state_shardings, parallel.batch_sharding(mesh), lpips_in),
         out_shardings=(state_shardings, parallel.replicated(mesh)),
         donate_argnums=0)
+
+
+def lpips_shardings(mesh, rules) -> Any:
+    """NamedShardings of the frozen LPIPS weights by the logical-axis ``rules``."""
+    from vqgan_jax.models.lpips import LPIPS
+    x = jnp.zeros((1, 32, 32, 3), jnp.float32)
+    abstract = jax.eval_shape(lambda: LPIPS().init(jax.random.key(0), x, x)["params"])
+    return parallel.state_shardings(abstract, mesh, rules)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -676,7 +696,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     validate_config(config, jax.device_count())
     workdir = loop.ensure_writable_workdir(workdir)
-    mesh = parallel.create_mesh(config.mesh.data, config.mesh.fsdp)
+    mesh = parallel.mesh_from_config(config)
+    rules = parallel.rules_from_config(config)
     train_source = sources.get_source(config.dataset, config.train_split, data_dir=config.data_dir)
     sc = build_step_config(config)
     f = sc.vq.downsample_factor
@@ -687,13 +708,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     state, shardings = loop.create_sharded_state(
         functools.partial(init_state, sc=sc, image_size=config.image_size),
-        jax.random.key(config.seed), mesh)
+        jax.random.key(config.seed), mesh, rules)
     checkpoints = loop.RunCheckpoints(workdir, config, train_iter)
     manager = checkpoints.manager
     state = checkpoints.restore_latest(state, shardings)
 
-    lpips_params = jax.device_put(load_lpips_params(), parallel.replicated(mesh))
-    step_fn = jit_train_step(sc, mesh, shardings, lpips_params)
+    lpips_params = jax.device_put(load_lpips_params(), lpips_shardings(mesh, rules))
+    image = ((config.batch_size, config.image_size, config.image_size, 3), jnp.float32)
+    step_fn = loop.compile_step(
+        jit_train_step(sc, mesh, shardings, lpips_params),
+        (state, parallel.abstract_batch({"image": image}, mesh), lpips_params),
+        mesh=mesh, rules=rules, workdir=workdir)
     writer = loop.create_writer(workdir)
     writer.write_hparams(dict(config.to_dict()))
 

@@ -144,8 +144,10 @@ def build_step_config(config: ml_collections.ConfigDict) -> StepConfig:
     side = config.image_size // vq.downsample_factor
     o = config.optimizer
     # minGPT: decay the Dense kernels only (not biases, LayerNorms, embeddings).
+    # (Boxed parameters, as init_state(boxed=True) makes them, are leaves here.)
     decay_mask = lambda params: jax.tree_util.tree_map_with_path(
-        lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
+        lambda path, _: getattr(path[-1], "key", None) == "kernel", params,
+        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
     tx = optax.adamw(o.base_learning_rate * config.batch_size, b1=o.b1, b2=o.b2,
                      weight_decay=o.weight_decay, mask=decay_mask)
     return StepConfig(gpt=gpt, vq=vq, cond_vq=cond_vq, conditioning=conditioning, tx=tx,
@@ -217,10 +219,16 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
             f"grid) - 1 the GPT reads; use block_size >= {prefix + num_codes - 1}.")
 
 
-def init_state(rng: jax.Array, sc: StepConfig) -> TrainState:
-    """Fresh GPT parameters and AdamW state (float32), unboxed from their logical axes."""
+def init_state(rng: jax.Array, sc: StepConfig, boxed: bool = False) -> TrainState:
+    """Fresh GPT parameters and AdamW state (float32), unboxed from their logical axes.
+
+    ``boxed=True`` keeps the ``nn.LogicallyPartitioned`` boxes (see
+    :func:`loop.create_sharded_state`).
+    """
     tokens = jnp.zeros((1, sc.gpt.block_size), jnp.int32)
-    params = nn.meta.unbox(sc.gpt.init(rng, tokens)["params"])
+    params = sc.gpt.init(rng, tokens)["params"]
+    if not boxed:
+        params = nn.meta.unbox(params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=sc.tx.init(params))
 
@@ -325,7 +333,7 @@ def load_frozen(config: ml_collections.ConfigDict, sc: StepConfig, mesh) -> tupl
     Only the generator weights are read (orbax partial restore): ``state.g_ema_params`` if the
     tokenizer run kept a generator EMA (its saved ``config.loss.ema_decay > 0``), else
     ``state.g_params`` (:func:`vqgan_jax.trainers.tokenizer.eval_params_field`); laid out by
-    :func:`parallel.state_shardings`.
+    :func:`parallel.state_shardings` with ``config.sharding_rules``.
 
     Returns:
       ``(frozen, shardings)``: ``{"tokenizer": params[, "cond_tokenizer": params]}``.
@@ -337,12 +345,13 @@ def load_frozen(config: ml_collections.ConfigDict, sc: StepConfig, mesh) -> tupl
                       "config.cond_tokenizer_workdir"))
     for name, vq, workdir, field in pairs:
         size = vq.resolution
-        abstract = jax.eval_shape(lambda: nn.meta.unbox(vq.init(
-            jax.random.key(0), jnp.zeros((1, size, size, 3)))["params"]))
-        shardings[name] = parallel.state_shardings(abstract, mesh)
+        boxed = jax.eval_shape(lambda: vq.init(
+            jax.random.key(0), jnp.zeros((1, size, size, 3)))["params"])
+        shardings[name] = parallel.state_shardings(boxed, mesh, parallel.rules_from_config(config))
         params_field = stage1.eval_params_field(_tokenizer_config(workdir, field))
         frozen[name] = loop.restore_subtree(loop.absolute(workdir), field, params_field,
-                                            loop.abstract_like(abstract, shardings[name]))
+                                            loop.abstract_like(parallel.unbox(boxed),
+                                                               shardings[name]))
     return frozen, shardings
 
 
@@ -445,9 +454,11 @@ def load_for_sampling(workdir: str, mesh=None) -> tuple[Any, dict, StepConfig, m
                          "at a stage-2 (transformer) workdir.")
     mesh = mesh or parallel.create_mesh(devices=jax.devices()[:1])
     sc = build_step_config(config)
-    abstract = jax.eval_shape(functools.partial(init_state, sc=sc), jax.random.key(0)).params
+    boxed = jax.eval_shape(functools.partial(init_state, sc=sc, boxed=True),
+                           jax.random.key(0)).params
     params = loop.restore_subtree(workdir, "--workdir", "params", loop.abstract_like(
-        abstract, parallel.state_shardings(abstract, mesh)))
+        parallel.unbox(boxed), parallel.state_shardings(boxed, mesh,
+                                                        parallel.rules_from_config(config))))
     frozen, _ = load_frozen(config, sc, mesh)
     return params, frozen, sc, config
 
@@ -494,7 +505,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             config[field] = loop.absolute(config[field])
     validate_config(config, jax.device_count())
     workdir = loop.ensure_writable_workdir(workdir)
-    mesh = parallel.create_mesh(config.mesh.data, config.mesh.fsdp)
+    mesh = parallel.mesh_from_config(config)
+    rules = parallel.rules_from_config(config)
     train_source = sources.get_source(config.dataset, config.train_split, data_dir=config.data_dir)
     if config.conditioning == "class" and train_source.num_classes > config.num_classes:
         raise ValueError(f"config.num_classes={config.num_classes} but {config.dataset!r} has "
@@ -506,7 +518,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         seed=config.seed, min_crop_scale=config.min_crop_scale, crop_mode=config.crop_mode)
 
     state, shardings = loop.create_sharded_state(
-        functools.partial(init_state, sc=sc), jax.random.key(config.seed), mesh)
+        functools.partial(init_state, sc=sc), jax.random.key(config.seed), mesh, rules)
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     logging.info("GPT with %.2fM parameters; %s conditioning, %d prefix + %d codes", n_params / 1e6,
                  config.conditioning, sc.conditioning.prefix_length, math.prod(sc.grid))
@@ -515,7 +527,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     manager = checkpoints.manager
     state = checkpoints.restore_latest(state, shardings)
 
-    step_fn = jit_train_step(sc, mesh, shardings, frozen_shardings)
+    size = config.image_size
+    batch = parallel.abstract_batch({"image": ((config.batch_size, size, size, 3), jnp.float32),
+                                     "label": ((config.batch_size,), jnp.int32)}, mesh)
+    step_fn = loop.compile_step(jit_train_step(sc, mesh, shardings, frozen_shardings),
+                                (state, batch, frozen), mesh=mesh, rules=rules, workdir=workdir)
     writer = loop.create_writer(workdir)
     writer.write_hparams(dict(config.to_dict()))
 
