@@ -4,6 +4,9 @@ StyleGAN2's residual discriminator (Karras et al. 2020) as used by ViT-VQGAN (Yu
 The PatchGAN is a port of taming-transformers' `NLayerDiscriminator`
 (taming/modules/discriminator/model.py) with the same layers, paddings and initialisation
 (`weights_init`), in NHWC.
+
+Each layer's activations have their batch axis laid out by the ``activation_batch`` rule
+(:func:`vqgan_jax.models.blocks.constrain`; a no-op outside a sharded step).
 """
 
 from typing import Any
@@ -11,6 +14,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from vqgan_jax.models.blocks import constrain
 
 Array = jax.Array
 
@@ -111,7 +116,7 @@ class NLayerDiscriminator(nn.Module):
         for n in range(1, self.n_layers + 1):
             stride = 2 if n < self.n_layers else 1
             x = self._conv(self.ndf * min(2**n, 8), stride, False, i)(x)
-            x = nn.leaky_relu(self._norm(train, i + 1)(x), 0.2)
+            x = constrain(nn.leaky_relu(self._norm(train, i + 1)(x), 0.2))
             i += 3
         x = self._conv(1, 1, True, i)(x)  # (B, h, w, 1)
         return x.astype(jnp.float32)
@@ -260,7 +265,7 @@ class StyleGANDiscriminator(nn.Module):
             y = _avg_pool2(_lrelu(EqualizedConv(c_out, 3, **kw, name=f"block_{res}_conv1")(y)))
             skip = EqualizedConv(c_out, 1, use_bias=False, **kw,
                                  name=f"block_{res}_skip")(_avg_pool2(h))
-            h = (y + skip) * (1.0 / jnp.sqrt(2.0)).astype(y.dtype)
+            h = constrain((y + skip) * (1.0 / jnp.sqrt(2.0)).astype(y.dtype))
             res //= 2
         h = minibatch_stddev(h, self.mbstd_group_size, self.mbstd_num_features)
         h = _lrelu(EqualizedConv(self.channels(4), 3, **kw, name="conv")(h))

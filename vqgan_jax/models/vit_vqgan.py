@@ -21,7 +21,9 @@ of the window, each window is processed independently, and the result is cropped
 model thus never sees a sequence longer than in training, and memory stays bounded.
 
 Parameter names carry the logical axes of :mod:`vqgan_jax.models.gpt` (``embed``, ``heads``,
-``mlp``; ``None`` on pixel and position axes; ``codebook_d`` on the code dimension).
+``mlp``; ``None`` on pixel and position axes; ``codebook_d`` on the code dimension). Each
+block's output ``[N, T, width]`` has its (window) batch axis laid out by the
+``activation_batch`` rule when a step is traced under sharding rules (a no-op elsewhere).
 """
 
 from typing import Any, ClassVar
@@ -36,6 +38,7 @@ Dtype = Any
 
 _KERNEL_INIT = nn.initializers.xavier_uniform()  # vit_jax's Dense init
 _POS_INIT = nn.initializers.normal(stddev=0.02)
+TOKEN_AXES = ("activation_batch", None, None)   # [N, T, width] token activations
 
 # The paper's transformer sizes (Yu et al. 2021, table 1).
 VIT_SIZES = {
@@ -152,6 +155,7 @@ class _Transformer(nn.Module):
         for i in range(self.layers):
             h = block(self.heads, self.mlp_dim, self.dropout, self.dtype,
                       name=f"block_{i}")(h, train)
+            h = nn.with_logical_constraint(h, TOKEN_AXES)
         return _layer_norm(self.dtype, "ln_f")(h)
 
 
