@@ -93,6 +93,37 @@ def test_adversarial_terms_are_off_before_disc_start(lpips_params):
         float(metrics["loss"]), float(metrics["nll_loss"] + metrics["vq_loss"]), rtol=1e-6)
 
 
+def test_step_before_disc_start_skips_the_discriminator(lpips_params):
+    """The generator-only program (adversarial=False) gives the full program's generator
+    gradients at d = 0, runs no discriminator, and leaves its whole state untouched."""
+    _, sc, mesh, state, shardings, batch = tiny_setup(disc_start=5)
+    full = jax.jit(functools.partial(T.compute_grads, sc=sc))(state, batch, lpips_params)
+    g_grads, d_grads, d_stats, metrics, _ = jax.jit(functools.partial(
+        T.compute_grads, sc=sc, adversarial=False))(state, batch, lpips_params)
+    assert d_grads is None
+    assert set(metrics) == set(full[3])  # same keys: logged means span the switch
+    for k in ("g_loss", "d_loss", "d_weight", "disc_factor", "logits_real", "d_grad_norm"):
+        assert float(metrics[k]) == 0.0, k
+    for k in ("loss", "nll_loss", "vq_loss", "perceptual_loss", "g_grad_norm"):
+        np.testing.assert_allclose(float(metrics[k]), float(full[3][k]), rtol=1e-6, err_msg=k)
+    # Both programs carry the same cotangent (dL_rec/dx_hat + 0 * dL_GAN/dx_hat) through the
+    # same generator: equal up to float32 rounding of differently fused programs.
+    scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(full[0]))
+    assert_trees_close(g_grads, full[0], rtol=1e-5, atol=1e-6 * scale)
+    # Its FLOPs: the discriminator's passes are gone.
+    cost = lambda adversarial: T.jit_train_step(sc, mesh, shardings, lpips_params, adversarial
+                                                ).lower(state, batch, lpips_params).compile(
+                                                ).cost_analysis()["flops"]
+    assert cost(False) < cost(True)
+
+    before = jax.device_get(state)
+    step = T.jit_train_step(sc, mesh, shardings, lpips_params, adversarial=False)
+    after, _ = jax.device_get(step(state, batch, lpips_params))
+    for field in ("d_params", "d_batch_stats", "d_opt_state"):
+        assert_trees_close(getattr(after, field), getattr(before, field), rtol=0, atol=0)
+    assert relative_error(after.g_params, before.g_params) > 0 and int(after.step) == 1
+
+
 def test_train_step_on_8_devices_equals_1_device(lpips_params):
     """4 data x 2 fsdp devices vs 1: same losses and parameters (relative 1e-5).
 

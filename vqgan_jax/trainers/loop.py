@@ -243,7 +243,7 @@ class NonFiniteGuard:
                 "checkpoint is untouched: lower the learning rate or check the data, then resume.")
 
 
-def train_loop(state: Any, step_fn: Callable[[Any, Any], tuple[Any, dict]],
+def train_loop(state: Any, step_fn: Callable[[Any, Any, int], tuple[Any, dict]],
                next_batch: Callable[[], Any], *, num_train_steps: int, log_every_steps: int,
                checkpoint_every_steps: int, max_consecutive_nonfinite: int,
                manager: ocp.CheckpointManager, save: Callable[..., None],
@@ -254,7 +254,8 @@ def train_loop(state: Any, step_fn: Callable[[Any, Any], tuple[Any, dict]],
     """The training loop both stages share, from ``state.step`` to ``num_train_steps``.
 
     Each iteration: stop and save if preempted (SIGTERM, :class:`Preemption`); one step
-    ``state, metrics = step_fn(state, next_batch())``; the non-finite flag of the step to
+    ``state, metrics = step_fn(state, next_batch(), step)`` (``step``: the number of steps
+    done before it, a host int, e.g. to pick a program); the non-finite flag of the step to
     :class:`NonFiniteGuard`; every ``log_every_steps`` (and at the last step) the mean of the
     metrics since the last log plus ``extra_scalars(num_steps, seconds)`` and
     ``nonfinite_steps`` written as ``train/*``; every ``checkpoint_every_steps`` a save
@@ -289,7 +290,7 @@ def train_loop(state: Any, step_fn: Callable[[Any, Any], tuple[Any, dict]],
                 logging.warning("Preempted: saved step %d in %s; the same command resumes.",
                                 step, manager.directory)
                 return state, step, summary, True
-            state, metrics = step_fn(state, next_batch())
+            state, metrics = step_fn(state, next_batch(), step)
             step += 1
             guard.observe(step, metrics["nonfinite"])
             pending.append(metrics)

@@ -227,7 +227,8 @@ def reconstruction_loss(x: jax.Array, x_hat: jax.Array, lpips_params: Any, sc: S
     return nll, dict(l1_loss=l1, l2_loss=l2, logit_laplace_loss=ll, perceptual_loss=p_loss)
 
 
-def compute_grads(state: TrainState, batch: dict[str, jax.Array], lpips_params: Any, sc: StepConfig
+def compute_grads(state: TrainState, batch: dict[str, jax.Array], lpips_params: Any, sc: StepConfig,
+                  adversarial: bool = True
                   ) -> tuple[Any, Any, Any, dict[str, jax.Array], dict[str, Any]]:
     """Generator and discriminator gradients for one batch (Esser et al. 2021, eq. 5-7).
 
@@ -247,6 +248,11 @@ def compute_grads(state: TrainState, batch: dict[str, jax.Array], lpips_params: 
 
     R_LC uses the anchors in ``state.lecam_ema`` (:func:`losses.lecam_reg`), R1 the real images
     (:func:`losses.r1_penalty`; lazy as in StyleGAN2, and not computed on other steps).
+
+    ``adversarial=False`` is the program for steps before ``disc_start``, where d = 0: only
+    L_G = L_rec + codebook_weight * L_VQ, with no discriminator pass, no adaptive weight and no
+    discriminator gradients (``d_grads`` is None; the adversarial metrics are 0). Its generator
+    gradients are those of the full program at d = 0.
 
     Args:
       state: the TrainState (donated).
@@ -284,6 +290,24 @@ def compute_grads(state: TrainState, batch: dict[str, jax.Array], lpips_params: 
 
     rec_loss = lambda x_hat: reconstruction_loss(x, x_hat, lpips_params, sc)
     (nll, rec_parts), nll_ct = jax.value_and_grad(rec_loss, has_aux=True)(x_hat)
+
+    def step_metrics(loss, g_grads, **adversarial_metrics):
+        zero = jnp.zeros((), jnp.float32)
+        metrics = dict(
+            loss=loss, nll_loss=nll, **rec_parts, vq_loss=vq_loss,
+            **{k: adversarial_metrics.get(k, zero) for k in (
+                "g_loss", "d_loss", "d_weight", "disc_factor", "lecam_loss", "r1_penalty",
+                "logits_real", "logits_fake", "d_grad_norm")},
+            codebook_loss=aux["codebook_loss"], commitment_loss=aux["commitment_loss"],
+            perplexity=aux["perplexity"], codebook_usage=aux["codebook_usage"],
+            g_grad_norm=optax.tree.norm(g_grads))
+        metrics.update({k: v for k, v in aux.items() if k not in metrics and jnp.ndim(v) == 0})
+        return jax.tree.map(lambda m: jnp.asarray(m, jnp.float32), metrics)
+
+    if not adversarial:  # before disc_start: the discriminator takes no part in the step
+        (g_grads,) = generator_vjp((nll_ct, jnp.asarray(sc.codebook_weight, vq_loss.dtype)))
+        metrics = step_metrics(nll + sc.codebook_weight * vq_loss, g_grads)
+        return g_grads, None, state.d_batch_stats, metrics, quantizer_update
 
     def discriminate(d_params, batch_stats, images):
         logits, updates = disc.apply({"params": d_params, "batch_stats": batch_stats}, images,
@@ -342,17 +366,11 @@ def compute_grads(state: TrainState, batch: dict[str, jax.Array], lpips_params: 
         r1_scale = disc_factor * (0.5 * sc.r1_weight * sc.r1_every)
         d_grads = jax.tree.map(lambda g, r: g + r1_scale * r, d_grads, r1_grads)
 
-    metrics = dict(
-        loss=loss, nll_loss=nll, **rec_parts, g_loss=g_loss,
-        d_loss=d_loss, d_weight=d_weight, disc_factor=disc_factor, vq_loss=vq_loss,
-        lecam_loss=lecam, r1_penalty=r1,
-        codebook_loss=aux["codebook_loss"], commitment_loss=aux["commitment_loss"],
-        perplexity=aux["perplexity"], codebook_usage=aux["codebook_usage"],
-        logits_real=jnp.mean(logits_real.astype(jnp.float32)),
+    metrics = step_metrics(
+        loss, g_grads, g_loss=g_loss, d_loss=d_loss, d_weight=d_weight, disc_factor=disc_factor,
+        lecam_loss=lecam, r1_penalty=r1, logits_real=jnp.mean(logits_real.astype(jnp.float32)),
         logits_fake=jnp.mean(logits_fake.astype(jnp.float32)),
-        g_grad_norm=optax.tree.norm(g_grads), d_grad_norm=optax.tree.norm(d_grads))
-    metrics.update({k: v for k, v in aux.items() if k not in metrics and jnp.ndim(v) == 0})
-    metrics = jax.tree.map(lambda m: jnp.asarray(m, jnp.float32), metrics)
+        d_grad_norm=optax.tree.norm(d_grads))
     return g_grads, d_grads, batch_stats, metrics, quantizer_update
 
 
@@ -410,8 +428,13 @@ def reference_grads(state: TrainState, batch: dict[str, jax.Array], lpips_params
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], lpips_params: Any,
-               sc: StepConfig) -> tuple[TrainState, dict[str, jax.Array]]:
+               sc: StepConfig, adversarial: bool = True
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
     """:func:`compute_grads`, then one Adam update of each model.
+
+    ``adversarial=False`` (the program for steps before ``disc_start``) updates the generator
+    only: the discriminator's parameters, optimizer state, BatchNorm statistics and the LeCAM
+    anchors are left exactly as they were, so the discriminator's Adam starts at disc_start.
 
     A quantizer that sets codebook rows outside the gradient (ema_vq, dead-code restart) has
     them written into the codebook after the generator's update, and its statistics advanced.
@@ -427,19 +450,20 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], lpips_params: Any
       ``nonfinite`` (0 or 1).
     """
     g_grads, d_grads, batch_stats, metrics, quantizer_update = compute_grads(
-        state, batch, lpips_params, sc)
+        state, batch, lpips_params, sc, adversarial)
     g_updates, g_opt_state = sc.g_tx.update(g_grads, state.g_opt_state, state.g_params)
-    d_updates, d_opt_state = sc.d_tx.update(d_grads, state.d_opt_state, state.d_params)
     # EMA / restarted codebook rows are written over the optimizer's update.
     g_params = _write_codebook(optax.apply_updates(state.g_params, g_updates), quantizer_update)
-    updated = state.replace(
-        g_params=g_params, d_params=optax.apply_updates(state.d_params, d_updates),
-        d_batch_stats=batch_stats, g_opt_state=g_opt_state, d_opt_state=d_opt_state,
-        quantizer_stats=quantizer_update["stats"])
+    updated = state.replace(g_params=g_params, g_opt_state=g_opt_state,
+                            quantizer_stats=quantizer_update["stats"])
+    if adversarial:
+        d_updates, d_opt_state = sc.d_tx.update(d_grads, state.d_opt_state, state.d_params)
+        updated = updated.replace(d_params=optax.apply_updates(state.d_params, d_updates),
+                                  d_batch_stats=batch_stats, d_opt_state=d_opt_state)
     if sc.ema_decay > 0:  # EMA of the updated generator weights (evaluation uses it)
         updated = updated.replace(g_ema_params=optax.incremental_update(
             g_params, state.g_ema_params, 1.0 - sc.ema_decay))
-    if sc.lecam_weight > 0:  # the anchors follow D's mean outputs on this batch
+    if sc.lecam_weight > 0 and adversarial:  # the anchors follow D's mean outputs on this batch
         updated = updated.replace(lecam_ema=losses.lecam_update(
             state.lecam_ema, metrics["logits_real"], metrics["logits_fake"], sc.lecam_ema_decay))
     # Non-finite guard: a NaN/Inf loss or gradient leaves both models, both optimizer states
@@ -451,8 +475,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], lpips_params: Any
     return new_state.replace(step=state.step + 1), metrics
 
 
-def jit_train_step(sc: StepConfig, mesh, state_shardings, lpips_params):
+def jit_train_step(sc: StepConfig, mesh, state_shardings, lpips_params, adversarial: bool = True):
     """``train_step`` jitted once with shardings over ``mesh``; the state is donated.
+
+    ``adversarial``: the full step (True) or the generator-only step used before
+    ``disc_start`` (False; see :func:`train_step`).
 
     ``lpips_params`` keep the shardings they have (:func:`lpips_shardings`); host arrays are
     taken replicated.
@@ -462,7 +489,7 @@ def jit_train_step(sc: StepConfig, mesh, state_shardings, lpips_params):
                             and x.sharding.mesh == mesh else parallel.replicated(mesh),
                             lpips_params)
     return jax.jit(
-        functools.partial(train_step, sc=sc),
+        functools.partial(train_step, sc=sc, adversarial=adversarial),
         in_shardings=(state_shardings, parallel.batch_sharding(mesh), lpips_in),
         out_shardings=(state_shardings, parallel.replicated(mesh)),
         donate_argnums=0)
@@ -715,10 +742,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     lpips_params = jax.device_put(load_lpips_params(), lpips_shardings(mesh, rules))
     image = ((config.batch_size, config.image_size, config.image_size, 3), jnp.float32)
-    step_fn = loop.compile_step(
-        jit_train_step(sc, mesh, shardings, lpips_params),
-        (state, parallel.abstract_batch({"image": image}, mesh), lpips_params),
-        mesh=mesh, rules=rules, workdir=workdir)
+    abstract_args = (loop.abstract_like(state, shardings),
+                     parallel.abstract_batch({"image": image}, mesh), lpips_params)
+    programs = {}  # adversarial -> the compiled step; the other is compiled when first needed
+
+    def program(adversarial: bool):
+        if adversarial not in programs:
+            programs[adversarial] = loop.compile_step(
+                jit_train_step(sc, mesh, shardings, lpips_params, adversarial), abstract_args,
+                mesh=mesh, rules=rules, workdir=workdir,
+                name="train_step" if adversarial else "train_step before disc_start")
+        return programs[adversarial]
+
+    # Steps before disc_start run without the discriminator (train_step(adversarial=False)).
+    program(int(jax.device_get(state.step)) >= sc.disc_start)
+    step_fn = lambda state, batch, step: program(step >= sc.disc_start)(state, batch, lpips_params)
     writer = loop.create_writer(workdir)
     writer.write_hparams(dict(config.to_dict()))
 
@@ -736,7 +774,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     try:
         state, step, _, preempted = loop.train_loop(
-            state, lambda state, batch: step_fn(state, batch, lpips_params),
+            state, step_fn,
             lambda: parallel.global_batch({"image": next(train_iter)["image"]}, mesh),
             num_train_steps=config.num_train_steps, log_every_steps=config.log_every_steps,
             checkpoint_every_steps=config.checkpoint_every_steps,

@@ -545,7 +545,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     try:
         state, step, summary, preempted = loop.train_loop(
-            state, lambda state, batch: step_fn(state, batch, frozen), next_batch,
+            state, lambda state, batch, _: step_fn(state, batch, frozen), next_batch,
             num_train_steps=config.num_train_steps, log_every_steps=config.log_every_steps,
             checkpoint_every_steps=config.checkpoint_every_steps,
             max_consecutive_nonfinite=config.max_consecutive_nonfinite, manager=manager,
