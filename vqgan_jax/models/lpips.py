@@ -129,12 +129,15 @@ class LPIPS(nn.Module):
         """
         shift = jnp.asarray(_SHIFT, self.dtype)
         scale = jnp.asarray(_SCALE, self.dtype)
-        x = jnp.concatenate([x0, x1], axis=0).astype(self.dtype)  # (2B, H, W, 3): one trunk pass
-        feats = VGG16(dtype=self.dtype)((x - shift) / scale)
+        vgg = VGG16(dtype=self.dtype)
+        # One trunk pass per input (shared weights), not one over both stacked: a gradient
+        # taken with respect to x1 alone (a training loss, x0 the data) then runs the
+        # backward pass through x1's B images only, not through all 2B.
+        feats0, feats1 = (vgg((x.astype(self.dtype) - shift) / scale) for x in (x0, x1))
 
         dist = jnp.zeros(x0.shape[0], jnp.float32)
-        for feat in feats:
-            f0, f1 = jnp.split(_unit_normalize(feat.astype(jnp.float32)), 2, axis=0)
+        for feat0, feat1 in zip(feats0, feats1):
+            f0, f1 = (_unit_normalize(f.astype(jnp.float32)) for f in (feat0, feat1))
             d = NetLinLayer()((f0 - f1) ** 2)  # (B, h, w, 1)
             dist = dist + jnp.mean(d, axis=(1, 2, 3))
         return dist
