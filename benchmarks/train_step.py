@@ -5,20 +5,24 @@
 
 Compiles the step for the config (random images of config.image_size), reads XLA's cost
 analysis of the compiled program, then times ``--steps`` steps after one warm-up step.
-``--steps=0`` compiles and counts only. ``--variant=reference`` measures the unfused way of
-computing the same gradients (taming's: three backward passes through the generator), so the
-fused step's saving is a ratio taken on the same machine.
+``--steps=0`` compiles and counts only. ``--variant=fused`` (default) is the full step, the
+adversarial terms on; ``--variant=before_disc_start`` the generator-only step a run uses until
+``config.loss.disc_start`` (the demo's whole run); ``--variant=reference`` the unfused way of
+computing the full step's gradients (taming's: three backward passes through the generator),
+so the fused step's saving is a ratio taken on the same machine. The XLA flags in force
+(``xla_flags``) are in the JSON.
 
 The last line printed is a JSON object: ``img_per_s``, ``step_ms``, ``tflop_per_image``
 (XLA's count for the compiled step, per image), ``achieved_tflops`` and its alias ``tflops``,
 ``mfu``, ``peak_tflops``, ``dtype``, ``compile_s``, ``batch_size``, ``variant``, ``device``,
-``num_devices``, ``mesh``, ``memory`` (the compiled step's per-device bytes,
+``num_devices``, ``mesh``, ``xla_flags``, ``memory`` (the compiled step's per-device bytes,
 :func:`vqgan_jax.trainers.loop.compile_stats`).
 
 MFU (model FLOPs utilisation) = FLOPs per device per second / the device's peak, with the
 FLOPs from XLA's cost analysis of the compiled step (the partitioned program one device runs;
 ``tflop_per_image`` and ``achieved_tflops`` multiply it by the device count, which counts work
-that a mesh replicates, e.g. over an unused tensor axis, more than once) and the peak from :data:`PEAK_TFLOPS`: dense (no 2:4 sparsity) tensor-core peaks; for ``--dtype=float32``
+that a mesh replicates, e.g. over an unused tensor axis, more than once) and the peak from
+:data:`PEAK_TFLOPS`: dense (no 2:4 sparsity) tensor-core peaks; for ``--dtype=float32``
 the TF32 peak of GPUs (XLA runs float32 matmuls and convolutions in TF32 on A100/H100 unless
 ``jax_default_matmul_precision=highest``) and the bf16 peak of TPUs (default precision passes
 float32 through the MXU in bf16). Unknown devices (e.g. CPU) get ``mfu: null``.
@@ -26,23 +30,24 @@ float32 through the MXU in bf16). Unknown devices (e.g. CPU) get ``mfu: null``.
 
 import functools
 import json
+import os
 import time
 
 import jax
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from vqgan_jax import parallel
-from vqgan_jax.models.lpips import load_lpips_params
+import stage1_step
 from vqgan_jax.trainers import loop
 from vqgan_jax.trainers import tokenizer as T
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/imagenet_f16.py", "Config file.")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Global batch (default: the config's).")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps; 0 compiles and counts only.")
-_VARIANT = flags.DEFINE_enum("variant", "fused", ["fused", "reference"],
-                             "fused: the training step; reference: taming's unfused gradients.")
+_VARIANT = flags.DEFINE_enum(
+    "variant", "fused", ["fused", "before_disc_start", "reference"],
+    "fused: the training step (adversarial terms on); before_disc_start: the generator-only "
+    "step a run uses before config.loss.disc_start; reference: taming's unfused gradients.")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
                            "Compute dtype (default: the config's); parameters stay float32.")
 
@@ -86,26 +91,15 @@ def main(argv):
         config.batch_size = _BATCH.value
     if _DTYPE.value is not None:
         config.dtype = _DTYPE.value
-    config.loss.disc_start = 0  # time the full step, adversarial terms on
-    T.validate_config(config, jax.device_count())
-    mesh = parallel.mesh_from_config(config)
-    rules = parallel.rules_from_config(config)
-    sc = T.build_step_config(config)
-    state, shardings = loop.create_sharded_state(
-        functools.partial(T.init_state, sc=sc, image_size=config.image_size),
-        jax.random.key(0), mesh, rules)
-    lpips_params = jax.device_put(load_lpips_params(), T.lpips_shardings(mesh, rules))
-    if _VARIANT.value == "fused":
-        step = T.jit_train_step(sc, mesh, shardings, lpips_params)
+    s = stage1_step.setup(config)  # the full step: adversarial terms on
+    if _VARIANT.value != "reference":
+        step = stage1_step.full_step(s, adversarial=_VARIANT.value == "fused")
     else:
-        step = jax.jit(functools.partial(reference_step, sc=sc), donate_argnums=0)
-    size = config.image_size
-    images = np.random.default_rng(0).uniform(-1, 1, (config.batch_size, size, size, 3))
-    batch = parallel.global_batch({"image": images.astype(np.float32)}, mesh)
+        step = jax.jit(functools.partial(reference_step, sc=s.sc), donate_argnums=0)
+    state, batch, lpips_params, size = s.state, s.batch, s.lpips_params, config.image_size
 
     t0 = time.perf_counter()
-    compiled = loop.compile_step(step, (state, batch, lpips_params), mesh=mesh, rules=rules,
-                                 name=f"{_VARIANT.value} step")
+    compiled = stage1_step.compile_step(s, step, f"{_VARIANT.value} step")
     compile_s = time.perf_counter() - t0
     stats = loop.compile_stats(compiled)
     flops = stats["flops"] * jax.device_count()  # the cost analysis is per device
@@ -113,7 +107,8 @@ def main(argv):
     peak = peak_tflops(device, config.dtype)
     result = dict(variant=_VARIANT.value, batch_size=config.batch_size, image_size=size,
                   dtype=config.dtype, device=device, num_devices=jax.device_count(),
-                  mesh=dict(mesh.shape), compile_s=round(compile_s, 2),
+                  mesh=dict(s.mesh.shape), xla_flags=os.environ.get("XLA_FLAGS", ""),
+                  compile_s=round(compile_s, 2),
                   tflop_per_image=flops / config.batch_size / 1e12,
                   memory={k: stats[k] for k in ("argument_bytes", "output_bytes", "alias_bytes",
                                                 "temp_bytes", "generated_code_bytes")},

@@ -1,0 +1,64 @@
+"""The stage-1 train step as the benchmarks build it (no flags: train_step.py and
+peer_taming.py import it).
+
+    s = setup(config)                       # state, mesh, random batch, LPIPS weights
+    compiled = compile_step(s, full_step(s), "train step")
+    state, metrics = compiled(s.state, s.batch, s.lpips_params)   # the state is donated
+"""
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from vqgan_jax import parallel
+from vqgan_jax.models.lpips import load_lpips_params
+from vqgan_jax.trainers import loop
+from vqgan_jax.trainers import tokenizer as T
+
+
+@dataclasses.dataclass
+class Setup:
+    config: ml_collections.ConfigDict
+    sc: T.StepConfig
+    mesh: Any
+    rules: Any
+    state: Any                # TrainState, sharded over mesh
+    shardings: Any            # its shardings
+    lpips_params: Any         # frozen LPIPS weights, on the mesh
+    images: np.ndarray        # float32[B, S, S, 3] in [-1, 1], S = config.image_size
+    batch: dict               # {"image": images} as a global jax.Array
+
+
+def setup(config: ml_collections.ConfigDict, seed: int = 0) -> Setup:
+    """Everything the step takes, for ``config`` with the adversarial terms on from step 0
+    (sets ``config.loss.disc_start = 0``: the full step is timed)."""
+    config.loss.disc_start = 0
+    T.validate_config(config, jax.device_count())
+    mesh = parallel.mesh_from_config(config)
+    rules = parallel.rules_from_config(config)
+    sc = T.build_step_config(config)
+    state, shardings = loop.create_sharded_state(
+        functools.partial(T.init_state, sc=sc, image_size=config.image_size),
+        jax.random.key(seed), mesh, rules)
+    lpips_params = jax.device_put(load_lpips_params(), T.lpips_shardings(mesh, rules))
+    size = config.image_size
+    images = np.random.default_rng(seed).uniform(-1, 1, (config.batch_size, size, size, 3))
+    images = images.astype(np.float32)
+    batch = parallel.global_batch({"image": images}, mesh)
+    return Setup(config, sc, mesh, rules, state, shardings, lpips_params, images, batch)
+
+
+def full_step(s: Setup, adversarial: bool = True):
+    """vqgan_jax's jitted train step with the discriminator and LPIPS on, or (``adversarial=
+    False``) the generator-only step a run uses before ``disc_start``."""
+    return T.jit_train_step(s.sc, s.mesh, s.shardings, s.lpips_params, adversarial)
+
+
+def compile_step(s: Setup, step, name: str):
+    """``step`` compiled ahead for ``(s.state, s.batch, s.lpips_params)``."""
+    return loop.compile_step(step, (s.state, s.batch, s.lpips_params), mesh=s.mesh,
+                             rules=s.rules, name=name)
