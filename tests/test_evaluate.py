@@ -71,7 +71,9 @@ def test_library_evaluation_with_rfid_and_reference_stats(trained):
 
     # The same figures as the demo's metrics.json code path on the same (cropped) images:
     # padding rows of the last batch are masked out of every mean and count.
-    mesh = parallel.create_mesh(-1, 1)
+    # On one device: replicated on the 8 simulated ones, each image would be computed 8 times
+    # on the same CPU cores (the report above ran batch-sharded on all 8).
+    mesh = parallel.create_mesh(devices=jax.devices()[:1])
     config, g_params, _ = evaluation.restore_tokenizer(trained["workdir"], None, mesh)
     source = sources.get_source(trained["dataset"], "validation")
     images = [pipeline.center_crop_resize(source[i]["image"], 32) for i in range(5)]

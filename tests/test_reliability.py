@@ -1,5 +1,7 @@
 """Nothing is lost: exact resume after SIGKILL, SIGTERM preemption, a save cut short,
-non-finite steps, and bad workdirs."""
+non-finite steps, and bad workdirs. The uninterrupted run that the resumed one is compared
+with is also the command line's end-to-end test on a folder of images (outputs, the switch to
+the discriminator at disc_start)."""
 
 import json
 import os
@@ -13,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from PIL import Image
 
 from conftest import ROOT, load_config, shrink
 from test_main import TINY, make_folder
@@ -23,16 +26,20 @@ from vqgan_jax.trainers import tokenizer as T
 
 
 def run(workdir: pathlib.Path, data: pathlib.Path, steps: int, fault: str | None = None):
+    """``python -m vqgan_jax.main`` on the folder ``data``, run from workdir's parent with a
+    relative --workdir (as a user would type it); evaluation every 2 steps."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop(loop.FAULT_ENV, None)
     if fault:
         env[loop.FAULT_ENV] = fault
+    # disc_start=1: step 1 runs the generator-only program, the later steps the full one.
     flags = [*TINY, f"--config.dataset=folder:{data}", f"--config.num_train_steps={steps}",
-             "--config.checkpoint_every_steps=2", "--config.eval_every_steps=1000",
-             "--config.max_checkpoints_to_keep=10", "--config.loss.perceptual_weight=0"]
+             "--config.checkpoint_every_steps=2", "--config.eval_every_steps=2",
+             "--config.max_checkpoints_to_keep=10", "--config.loss.disc_start=1"]
     return subprocess.run(
         [sys.executable, "-m", "vqgan_jax.main", f"--config={ROOT / 'configs' / 'demo.py'}",
-         f"--workdir={workdir}", *flags], env=env, capture_output=True, text=True, timeout=300)
+         f"--workdir={workdir.name}", *flags], cwd=workdir.parent, env=env, capture_output=True,
+        text=True, timeout=300)
 
 
 def logged_losses(workdir: pathlib.Path) -> list[tuple[int, float]]:
@@ -48,14 +55,32 @@ def final_params(workdir: pathlib.Path, step: int):
 def test_killed_preempted_and_resumed_run_is_bit_identical_to_a_straight_run(tmp_path):
     data = make_folder(tmp_path / "images")
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    result = run(straight, data, 6)
+    result = run(straight, data, 7)
     assert result.returncode == 0, result.stderr[-3000:]
+    # The straight run is the command line's end-to-end test on a folder of images.
+    assert "corrupt.jpg" in result.stderr  # the undecodable file is logged and skipped
+    # It crosses disc_start: both programs compiled, each once (loop.compile_step's log line).
+    assert result.stderr.count("Compiled train_step before disc_start in ") == 1
+    assert result.stderr.count("Compiled train_step in ") == 1
+    metrics = json.loads((straight / "metrics.json").read_text())
+    assert metrics["step"] == 7
+    for key in ("psnr", "lpips", "codebook_usage", "perplexity"):
+        assert np.isfinite(metrics[key]), key
+    assert 0 < metrics["codebook_usage"] <= 1 and metrics["perplexity"] >= 1
+    picture = Image.open(straight / "reconstructions.png")
+    assert picture.size[1] >= 2 * 32  # two held-out rows of original | reconstruction
+    assert list(straight.glob("events.out.tfevents.*"))
+    rows = [json.loads(line) for line in (straight / "scalars.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval/psnr" in r] == [2, 4, 6, 7]  # every 2 and the end
+    # Every checkpoint_every_steps, and the last step.
+    assert sorted(int(p.name) for p in (straight / "checkpoints").iterdir()
+                  if p.name.isdigit()) == [2, 4, 6, 7]
 
     # A crash (SIGKILL) after step 5: the restart resumes from the newest complete checkpoint.
-    result = run(broken, data, 6, fault="5:SIGKILL")
+    result = run(broken, data, 7, fault="5:SIGKILL")
     assert result.returncode == -signal.SIGKILL
     # Preemption (SIGTERM) after the resumed run's step 5: it saves step 5 and exits 0.
-    result = run(broken, data, 6, fault="5:SIGTERM")
+    result = run(broken, data, 7, fault="5:SIGTERM")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Resumed" in result.stderr and "from step 0" not in result.stderr
     assert "Preempted: saved step 5" in result.stderr
@@ -63,18 +88,22 @@ def test_killed_preempted_and_resumed_run_is_bit_identical_to_a_straight_run(tmp
     partial = broken / "checkpoints" / "6.orbax-checkpoint-tmp-1234567"
     (partial / "state").mkdir(parents=True)
     (partial / "state" / "half_written").write_bytes(b"\0" * 100)
-    result = run(broken, data, 6)
+    result = run(broken, data, 7)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "from step 5 to 6" in result.stderr
+    assert "from step 5 to 7" in result.stderr
+    assert json.loads((broken / "metrics.json").read_text())["step"] == 7
+    # Resumed past disc_start: only the full step is needed, so only it is compiled.
+    assert "Compiled train_step in " in result.stderr
+    assert "Compiled train_step before disc_start" not in result.stderr
 
     expected = dict(logged_losses(straight))
-    assert sorted(expected) == [1, 2, 3, 4, 5, 6]
+    assert sorted(expected) == [1, 2, 3, 4, 5, 6, 7]
     got = logged_losses(broken)  # steps re-run after the crash appear twice
-    assert {s for s, _ in got} == set(expected) and len(got) > 6
+    assert {s for s, _ in got} == set(expected) and len(got) > 7
     for step, loss in got:
         assert loss == expected[step], (step, loss, expected[step])
-    a, b = final_params(straight, 6), final_params(broken, 6)
-    assert int(a["step"]) == int(b["step"]) == 6
+    a, b = final_params(straight, 7), final_params(broken, 7)
+    assert int(a["step"]) == int(b["step"]) == 7
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 

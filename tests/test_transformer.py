@@ -6,6 +6,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -180,12 +181,24 @@ def test_bad_config_fails_naming_the_field(update, message, tokenizer_workdir, t
         T.validate_config(config, num_devices=4)
 
 
-def test_train_resume_and_sample_cli(tokenizer_workdir, tmp_path):
+@pytest.fixture(scope="module")
+def gpt_run(tokenizer_workdir, tmp_path_factory):
+    """A tiny class-conditional GPT trained 2 steps by the trainer (in-process: 8 devices,
+    batch 8): ``(config, workdir, final metrics)``. Shared, so read-only: the resume test
+    continues a copy; the FID test samples from it."""
     config = tiny(load_config("demo_transformer"), tokenizer_workdir)
     config.update(num_train_steps=2, log_every_steps=1, checkpoint_every_steps=1, pkeep=0.9,
                   class_drop_prob=0.5)
+    workdir = tmp_path_factory.mktemp("gpt_run") / "gpt"
+    metrics = T.train_and_evaluate(config, str(workdir))
+    return config, workdir, metrics
+
+
+def test_train_resume_and_sample_cli(gpt_run, tmp_path):
+    config, trained, metrics = gpt_run
+    config = ml_collections.ConfigDict(config.to_dict())
     workdir = tmp_path / "gpt"
-    metrics = T.train_and_evaluate(config, str(workdir))  # in-process: 8 devices, batch 8
+    shutil.copytree(trained, workdir)  # resumed below: the shared workdir stays at step 2
     assert metrics["step"] == 2
     assert abs(metrics["loss"] - math.log(16)) < 0.5
     np.testing.assert_allclose(metrics["bits_per_code"], metrics["loss"] / math.log(2), rtol=1e-5)
@@ -216,7 +229,7 @@ def test_train_resume_and_sample_cli(tokenizer_workdir, tmp_path):
         T.sample_to_png(str(workdir), str(tmp_path / "x.png"), class_ids=[5], num=1)
 
 
-def test_sample_fid_and_inception_score_of_a_stage2_workdir(tokenizer_workdir, tmp_path):
+def test_sample_fid_and_inception_score_of_a_stage2_workdir(gpt_run, tmp_path):
     """evaluation.evaluate_samples: FID of the workdir's samples against statistics of the same
     samples drawn independently (same seed scheme, classes j % num_classes) is ~0; IS is in
     [1, 1008]; the protocol records the sampler's settings."""
@@ -224,11 +237,7 @@ def test_sample_fid_and_inception_score_of_a_stage2_workdir(tokenizer_workdir, t
     from vqgan_jax import evaluation, metrics
     from vqgan_jax.models import inception
 
-    config = tiny(load_config("demo_transformer"), tokenizer_workdir)
-    config.update(num_train_steps=1, log_every_steps=1, checkpoint_every_steps=1)
-    config.sample.num_per_row = 0
-    workdir = str(tmp_path / "gpt")
-    T.train_and_evaluate(config, workdir)
+    workdir = str(gpt_run[1])  # the trained GPT at step 2 (evaluate_samples adds eval.json)
     weights = str(tmp_path / "inception.npz")
     np.savez(weights, **random_inception_state_dict())
 
@@ -248,9 +257,9 @@ def test_sample_fid_and_inception_score_of_a_stage2_workdir(tokenizer_workdir, t
                                          **settings)
     assert abs(report["fid"]) < 1e-3 * max(1.0, float(np.trace(stats.sigma)))
     assert 1.0 < report["inception_score"] <= 1008.0  # one split of 5 distinct samples
-    assert report["num_samples"] == 5 and report["step"] == 1
+    assert report["num_samples"] == 5 and report["step"] == 2
     assert report["protocol"]["top_k"] == 4 and report["protocol"]["conditioning"] == "class"
-    assert json.loads((tmp_path / "gpt" / "eval.json").read_text())["fid"] == report["fid"]
+    assert json.loads((gpt_run[1] / "eval.json").read_text())["fid"] == report["fid"]
     with pytest.raises(ValueError, match="--top_p"):
         evaluation.evaluate_samples(workdir, num_samples=5, inception_weights=weights, top_p=0)
     result = subprocess.run([sys.executable, "-m", "vqgan_jax.evaluate", f"--workdir={workdir}"],
