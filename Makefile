@@ -3,32 +3,55 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
+SHELL := /bin/bash
+now = $$(date +%s)
+since = $$(( $$(date +%s) - $(1) ))
 
 .PHONY: demo test install clean
 
 install: $(STAMP)
 
+# The package alone (what the demo needs); its wall time is kept for the demo's summary.
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
-	touch $(STAMP)
+	@t0=$(now); \
+	$(PYTHON) -m venv $(VENV) && $(BIN)/pip install -q --upgrade pip && \
+	$(BIN)/pip install -q -e . && echo $(call since,$$t0) > $(VENV)/.install_seconds
+	touch $@
 
-# The whole demo into runs/demo, on the photos bundled with scikit-image (about 15 minutes on
-# 2 CPU cores; re-running resumes each stage from its checkpoint):
+# The test extra on top (pytest, xdist and the CPU build of PyTorch for the interop tests).
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+# The whole demo into runs/demo, on the photos bundled with scikit-image (re-running resumes
+# each stage from its checkpoint); prints each stage's wall time at its end:
 # 1. the demo tokenizer (configs/demo.py): reconstructions.png, metrics.json;
 # 2. a class-conditional GPT over its codes, a class per training photo
 #    (configs/demo_transformer.py, workdir runs/demo/transformer): samples.png, a row per class;
 # 3. a 24x48-code sliding-window sample, one per class: large_sample.png.
 demo: $(STAMP)
-	$(BIN)/python -m vqgan_jax.main --config=configs/demo.py --workdir=runs/demo
-	$(BIN)/python -m vqgan_jax.main --config=configs/demo_transformer.py --workdir=runs/demo/transformer
-	cp runs/demo/transformer/samples.png runs/demo/samples.png
+	@set -e; t0=$(now); \
+	$(BIN)/python -m vqgan_jax.main --config=configs/demo.py --workdir=runs/demo; \
+	s1=$(call since,$$t0); t0=$(now); \
+	$(BIN)/python -m vqgan_jax.main --config=configs/demo_transformer.py \
+	    --workdir=runs/demo/transformer; \
+	s2=$(call since,$$t0); t0=$(now); \
+	cp runs/demo/transformer/samples.png runs/demo/samples.png; \
 	$(BIN)/python -m vqgan_jax.sample --workdir=runs/demo/transformer --class_ids=0,1,2,3,4,5 \
-	    --num=1 --height=24 --width=48 --top_k=100 --top_p=0.95 --out=runs/demo/large_sample.png
+	    --num=1 --height=24 --width=48 --top_k=100 --top_p=0.95 --out=runs/demo/large_sample.png; \
+	s3=$(call since,$$t0); \
+	{ echo "make demo wall times on $$(nproc) cores of $$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs):"; \
+	  echo "  install (when .venv was made): $$(cat $(VENV)/.install_seconds 2>/dev/null || echo '?') s"; \
+	  echo "  stage 1, tokenizer:            $$s1 s"; \
+	  echo "  stage 2, GPT:                  $$s2 s"; \
+	  echo "  sliding-window sample:         $$s3 s"; } | tee runs/demo/demo_times.txt
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --durations=15   # two workers: one per CPU core
+# Two pytest workers, one per CPU core; prints the suite's wall time.
+test: $(TEST_STAMP)
+	@t0=$(now); \
+	$(BIN)/python -m pytest -q -n 2 --durations=15; rc=$$?; \
+	echo "test suite wall time: $(call since,$$t0) s"; exit $$rc
 
 clean:
 	rm -rf $(VENV) runs
