@@ -14,7 +14,10 @@ def get_config():
     c.image_size = 64
     c.min_crop_scale = 0.25
     c.batch_size = 8
-    c.num_train_steps = 650
+    # 1000 steps: about 9.5 minutes on 2 cores with XLA:CPU's Eigen convolutions
+    # (vqgan_jax/xla_cpu.py); held-out PSNR 23.06 dB in one run (650 steps: 21.74 dB in the same
+    # setting; runs of one seed differ by about 1 dB).
+    c.num_train_steps = 1000
     c.model.update(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(),
                    z_channels=32, embed_dim=8, n_embed=1024, l2_normalize_codes=True,
                    norm_groups=8)  # 4 channels a group, as taming's 128 / 32; one a group: -1.2 dB

@@ -6,7 +6,7 @@ channels, 16-64 pixels a side, batch 4-16), YNNPACK's kernels are the slow part,
 kernel gradients, which XLA rewrites as convolutions with the batch as the feature dimension.
 Keeping YNNPACK for dots only (``--xla_cpu_experimental_ynn_fusion_type=individual_dot``) puts
 the convolutions back on XLA's Eigen kernels: measured side by side on 2 cores (BENCHMARKS.md),
-the demo's step 802 -> 468 ms and the peer benchmark's full step 1,560 -> 1,184 ms. Results
+the demo's step 802 -> 458 ms and the peer benchmark's full step 1,560 -> 1,174 ms. Results
 change only by float32 rounding (tests/test_xla_cpu.py compares the loss and gradients of the
 two programs).
 
