@@ -11,15 +11,15 @@ import jax
 import ml_collections
 import numpy as np
 
+from vqgan_jax import xla_cpu  # its import appends the package's own CPU flag to XLA_FLAGS
+
 # XLA's LLVM backend at -O0 for the whole session, and for the subprocesses that inherit this
 # environment (the CLI, notebook and multi-process tests): the tiny test programs compile
 # several times faster (one model init: 27 s -> 4.5 s) and run hardly slower. XLA's HLO passes
 # and its library kernels (convolutions, dots) are unchanged, and nothing tested here is a
 # speed. A value already named in XLA_FLAGS wins. Set before any backend starts: XLA reads
 # XLA_FLAGS once.
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = " ".join(
-        [os.environ.get("XLA_FLAGS", "").strip(), "--xla_backend_optimization_level=0"]).strip()
+xla_cpu.add_xla_flag("--xla_backend_optimization_level=0")
 
 # Eight simulated CPU devices for the sharding tests; single-device tests use jax.devices()[:1].
 jax.config.update("jax_num_cpu_devices", 8)

@@ -48,12 +48,23 @@ def jaxlib_defines_flag() -> bool:
     return False
 
 
+def add_xla_flag(flag: str) -> bool:
+    """Appends ``flag`` (``--name=value``) to ``os.environ["XLA_FLAGS"]`` unless XLA_FLAGS
+    already names it (a value set there wins). Takes effect only if no JAX backend has started
+    in this process yet: XLA reads XLA_FLAGS once. Returns whether it was appended."""
+    current = os.environ.get("XLA_FLAGS", "")
+    if flag.split("=")[0].lstrip("-") in current:
+        return False
+    os.environ["XLA_FLAGS"] = " ".join([current.strip(), flag]).strip()
+    return True
+
+
 def _backend_started() -> bool:
     try:
         from jax._src import xla_bridge
     except ImportError:
         return False
-    return bool(getattr(xla_bridge, "_backends", None))
+    return xla_bridge.backends_are_initialized()
 
 
 def apply_defaults() -> str | None:
@@ -72,5 +83,5 @@ def apply_defaults() -> str | None:
         return None
     if not jaxlib_defines_flag():
         return None
-    os.environ["XLA_FLAGS"] = " ".join([current.strip(), FLAG]).strip()
+    add_xla_flag(FLAG)
     return FLAG
