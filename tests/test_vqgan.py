@@ -148,3 +148,31 @@ def test_codebook_stats_against_direct_formula():
     p = np.array([2, 1, 3]) / 6
     np.testing.assert_allclose(perplexity, np.exp(-(p * np.log(p)).sum()), rtol=1e-6)
     assert float(usage) == 3 / 8
+
+
+def _conv3x3_same_f64(x, kernel):
+    """float64 reference: ``[B, H, W, C_in] * [3, 3, C_in, C_out]``, zero 'same' padding."""
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    h, w = x.shape[1:3]
+    return sum(xp[:, dy:dy + h, dx:dx + w] @ kernel[dy, dx] for dy in range(3) for dx in range(3))
+
+
+def test_upsample_is_nearest_repeat_then_conv():
+    """The sub-pixel Upsample against its definition, taming's ``interpolate(nearest) + conv``,
+    computed in float64; the bound is float32 rounding of a sum of 9 * C_in products (each tap
+    a sum of up to 3 kernel taps), times the sum of the products' magnitudes."""
+    from vqgan_jax.models.blocks import Upsample
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 5, 7, 16)).astype(np.float32)
+    params = jax.tree.map(
+        lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32),
+        nn.meta.unbox(Upsample().init(jax.random.key(0), x)))
+    y = np.asarray(jax.jit(Upsample().apply)(params, x), np.float64)
+    kernel = np.asarray(params["params"]["conv"]["kernel"], np.float64)
+    bias = np.asarray(params["params"]["conv"]["bias"], np.float64)
+    up = np.repeat(np.repeat(x.astype(np.float64), 2, axis=1), 2, axis=2)
+    ref = _conv3x3_same_f64(up, kernel) + bias
+    magnitude = _conv3x3_same_f64(np.abs(up), np.abs(kernel)) + np.abs(bias)
+    assert y.shape == (2, 10, 14, 16)
+    bound = (9 * 16 + 3) * np.finfo(np.float32).eps * magnitude
+    assert np.all(np.abs(y - ref) <= bound)
