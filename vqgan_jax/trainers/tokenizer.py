@@ -197,6 +197,13 @@ def _get_path(tree: Any, path: tuple[str, ...]) -> Any:
     return functools.reduce(lambda t, k: t[k], path, tree)
 
 
+def _set_path(tree: Any, path: tuple[str, ...], leaf: Any) -> Any:
+    """A copy of the nested dict ``tree`` with ``leaf`` at ``path``."""
+    if not path:
+        return leaf
+    return dict(tree, **{path[0]: _set_path(tree[path[0]], path[1:], leaf)})
+
+
 def _nest(path: tuple[str, ...], leaf: Any) -> Any:
     for key in reversed(path):
         leaf = {key: leaf}
@@ -322,25 +329,30 @@ def compute_grads(state: TrainState, batch: dict[str, jax.Array], lpips_params: 
         logits_fake)
     gan_ct = fake_vjp(g_loss_ct)[1]
 
+    disc_factor = losses.adopt_weight(sc.disc_factor, state.step, sc.disc_start)
     if sc.adaptive_disc_weight:
-        # Adaptive weight from the two gradients carried through the last layer only.
+        # Adaptive weight from the two gradients carried through the last layer only, both
+        # in one batched VJP; the last kernel's gradient in g_grads is then their combination.
         path = vq.last_layer_path
         last = _get_path(state.g_params, path)
         _, last_vjp = jax.vjp(
             lambda kernel: vq.apply({"params": _nest(path, dict(last, kernel=kernel))}, h,
                                     method="last_layer"),
             last["kernel"])
-        d_weight = losses.adaptive_weight(last_vjp(nll_ct)[0], last_vjp(gan_ct)[0],
-                                          sc.disc_weight)
+        nll_w, gan_w = jax.vmap(lambda ct: last_vjp(ct)[0])(
+            jnp.stack([nll_ct, gan_ct.astype(nll_ct.dtype)]))
+        d_weight = losses.adaptive_weight(nll_w, gan_w, sc.disc_weight)
     else:
         d_weight = jnp.asarray(sc.disc_weight, jnp.float32)
-    disc_factor = losses.adopt_weight(sc.disc_factor, state.step, sc.disc_start)
     gan_scale = d_weight * disc_factor
     loss = nll + gan_scale * g_loss + sc.codebook_weight * vq_loss
 
     # One backward pass through the generator with the combined cotangent.
     x_hat_ct = nll_ct + (gan_scale * gan_ct.astype(jnp.float32)).astype(nll_ct.dtype)
     (g_grads,) = generator_vjp((x_hat_ct, jnp.asarray(sc.codebook_weight, vq_loss.dtype)))
+    if sc.adaptive_disc_weight:   # linear in the cotangent: XLA drops the kernel's third VJP
+        last_w = (nll_w.astype(jnp.float32) + gan_scale * gan_w.astype(jnp.float32))
+        g_grads = _set_path(g_grads, path + ("kernel",), last_w.astype(nll_w.dtype))
 
     # Discriminator: real pass, and the fake pass above with the discriminator's cotangent.
     logits_real, real_vjp, batch_stats = jax.vjp(
