@@ -112,6 +112,55 @@ def test_a_code_unused_for_n_steps_is_reseeded_from_the_batch(kind):
 
 # ----------------------------------------------------------------------------- FSQ / LFQ
 
+def fsq_reference(z, levels):
+    """FSQ as printed in Mentzer et al. 2023, appendix A.1 (``bound`` then ``quantize``),
+    in float64 NumPy: eps = 1e-3, half_l = (L - 1)(1 - eps) / 2, shift = tan(offset / half_l)."""
+    levels = np.asarray(levels, np.float64)
+    half_l = (levels - 1) * (1 - 1e-3) / 2
+    offset = np.where(levels % 2 == 1, 0.0, 0.5)
+    bounded = np.tanh(np.asarray(z, np.float64) + np.tan(offset / half_l)) * half_l - offset
+    return bounded, np.round(bounded) / (levels // 2)
+
+
+def test_fsq_matches_the_papers_reference_code():
+    levels = (2, 3, 4, 5, 8)
+    q = Q.make_quantizer("fsq", math.prod(levels), len(levels), fsq_levels=levels)
+    z = 2.0 * jax.random.normal(jax.random.key(3), (4096, len(levels)))
+    z_q, aux = q.apply({}, z)
+    bounded, expected = fsq_reference(z, levels)
+    # float32 and float64 may round differently only where z_b is within float32 error of a
+    # half-integer; leave those out.
+    clear = np.abs(bounded - np.floor(bounded) - 0.5) > 1e-4
+    assert clear.mean() > 0.99
+    np.testing.assert_allclose(np.asarray(z_q)[clear], expected[clear], atol=1e-6)
+    # Two levels: the lower one for z < -tan(1 / 0.999) = -1.5601, about 5.9% of N(0, 1), and
+    # a mean straight-through slope of E[half_l (1 - tanh^2(z + shift))] = 0.147.
+    z2 = jax.random.normal(jax.random.key(4), (200_000, 1))
+    q2 = Q.make_quantizer("fsq", 2, 1, fsq_levels=(2,))
+    lower = float(jnp.mean(q2.apply({}, z2)[0] == -1.0))
+    p = 0.5 * math.erfc(math.tan(1 / 0.999) / math.sqrt(2))
+    assert abs(p - 0.0594) < 1e-3 and abs(lower - p) < 5 * math.sqrt(p * (1 - p) / 200_000)
+    slope = jax.grad(lambda z: jnp.sum(q2.apply({}, z)[0]))(z2)
+    grid = np.linspace(-10, 10, 200_001)
+    density = np.exp(-grid ** 2 / 2) / math.sqrt(2 * math.pi)
+    mean_slope = np.sum(0.4995 * (1 - np.tanh(grid + math.tan(1 / 0.999)) ** 2) * density) * 1e-4
+    assert abs(mean_slope - 0.147) < 1e-3
+    np.testing.assert_allclose(float(jnp.mean(slope)), mean_slope, rtol=2e-2)
+
+
+def test_fsq_indices_stay_on_the_grid_for_many_levels_and_bad_levels_are_rejected():
+    levels = (1500, 2)                    # 1500 levels: the old (1 + 1e-3) bound left the grid
+    q = Q.make_quantizer("fsq", 3000, 2, fsq_levels=levels)
+    z = 50.0 * jax.random.normal(jax.random.key(5), (8192, 2))
+    z_q, aux = q.apply({}, z)
+    assert int(aux["indices"].min()) >= 0 and int(aux["indices"].max()) < 3000
+    assert float(jnp.abs(z_q).max()) <= 1.0
+    assert int(aux["indices"].max()) > 2900 and int(aux["indices"].min()) < 100   # both ends
+    with pytest.raises(ValueError, match=r"fsq_levels=\(1, 4\): every level must be >= 2"):
+        Q.make_quantizer("fsq", 4, 2, fsq_levels=(1, 4))
+    with pytest.raises(ValueError, match=r"product .* < 2\*\*31"):
+        Q.make_quantizer("fsq", 2 ** 32, 2, fsq_levels=(2 ** 16, 2 ** 16))
+
 def test_fsq_codebook_is_the_level_grid_and_indices_round_trip():
     levels = (3, 4, 5, 2)
     q = Q.make_quantizer("fsq", 120, 4, fsq_levels=levels)
@@ -242,10 +291,10 @@ def test_gradients_flow_straight_through_and_aux_has_the_fixed_keys(kind):
         return jnp.sum(z_q * w), aux
 
     grad, aux = jax.grad(f, has_aux=True)(z)
-    if kind == "fsq":  # through the bound: half_l (1 - tanh^2(z + shift)) / (L // 2)
+    if kind == "fsq":  # the derivative of the paper's bound (fsq_reference), by hand
         levels = np.array([4, 3, 2], np.float64)
-        half_l = (levels - 1) * 1.001 / 2
-        shift = np.arctanh(np.where(levels % 2 == 0, 0.5, 0.0) / half_l)
+        half_l = (levels - 1) * 0.999 / 2
+        shift = np.tan(np.where(levels % 2 == 0, 0.5, 0.0) / half_l)
         slope = half_l * (1 - np.tanh(np.asarray(z) + shift) ** 2) / (levels // 2)
         expected = np.asarray(w) * slope
     elif kind == "gumbel":  # the relaxed sample's gradient (exact form tested above)

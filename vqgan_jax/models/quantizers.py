@@ -445,15 +445,19 @@ def gumbel_softmax_st(logits: jax.Array, key: jax.Array, tau: jax.Array | float
 class FSQuantizer(nn.Module):
     """Finite scalar quantization (Mentzer et al. 2023, sec. 3; their reference code).
 
-    Channel i (of D = len(fsq_levels)) with L_i levels is bounded and rounded::
+    Channel i (of D = len(fsq_levels)) with L_i levels is bounded and rounded as in the
+    paper's reference code (appendix A.1)::
 
-        half_l = (L_i - 1)(1 + 1e-3) / 2,   offset = 0.5 if L_i even else 0
-        z_b = tanh(z + atanh(offset / half_l)) * half_l - offset
+        half_l = (L_i - 1)(1 - 1e-3) / 2,   offset = 0.5 if L_i even else 0
+        z_b = tanh(z + tan(offset / half_l)) * half_l - offset
         z_q = round_ste(z_b) / (L_i // 2)
 
-    so z_q takes the L_i values ``(j - L_i // 2) / (L_i // 2)``, j in [0, L_i), in [-1, 1].
-    (The reference code shifts by tan(offset / half_l); atanh is the shift that makes
-    z = 0 land between the two middle levels, as the paper intends.) Gradients pass straight
+    Since half_l < (L_i - 1) / 2, z_b lies strictly inside [-(L_i - 1) / 2 - offset,
+    (L_i - 1) / 2 - offset], whose ends are integers, so round(z_b) is always one of the L_i
+    grid values ``(j - L_i // 2) / (L_i // 2)``, j in [0, L_i), in
+    [-1, 1] (for even L_i the grid is -L_i/2 .. L_i/2 - 1, over L_i // 2). z = 0 lands on the
+    level 0 (odd L_i: exactly; even L_i: z_b is just below 0). For L_i = 2 and z ~ N(0, 1) the
+    level -1 is taken with probability Phi(-tan(1/0.999)) = 5.9%. Gradients pass straight
     through the rounding: dz_q/dz = half_l (1 - tanh^2(z + shift)) / (L_i // 2). The codebook
     is the grid, ``n_codes = prod(fsq_levels)``; index = sum_i j_i prod_{l<i} L_l (channel 0
     least significant). No parameters, no losses (all aux losses 0).
@@ -462,7 +466,8 @@ class FSQuantizer(nn.Module):
       n_embed: must equal prod(fsq_levels). embed_dim: must equal len(fsq_levels).
       beta, l2_normalize: unused (the factory's common arguments); l2_normalize must be False.
       dtype: dtype of z_q.
-      fsq_levels: levels per channel, each >= 2 (the paper's (8, 5, 5, 5) has 1000 codes).
+      fsq_levels: levels per channel, each >= 2, with prod(fsq_levels) < 2**31 (int32
+        indices); the paper's (8, 5, 5, 5) has 1000 codes.
     """
     n_embed: int
     embed_dim: int
@@ -493,9 +498,9 @@ class FSQuantizer(nn.Module):
         _check_channels(z_e, self.embed_dim)
         levels, half_width, basis = self._levels()
         z = z_e.astype(jnp.float32)
-        half_l = (levels - 1).astype(jnp.float32) * (1.0 + 1e-3) / 2.0
+        half_l = (levels - 1).astype(jnp.float32) * (1.0 - 1e-3) / 2.0
         offset = jnp.where(levels % 2 == 0, 0.5, 0.0)
-        bounded = jnp.tanh(z + jnp.arctanh(offset / half_l)) * half_l - offset
+        bounded = jnp.tanh(z + jnp.tan(offset / half_l)) * half_l - offset
         rounded = bounded + jax.lax.stop_gradient(jnp.round(bounded) - bounded)
         z_q = rounded / half_width
         indices = self.codes_to_indices(jax.lax.stop_gradient(z_q))
@@ -628,7 +633,8 @@ def make_quantizer(kind: str, n_embed: int, embed_dim: int, beta: float = 0.25,
 
     Raises:
       ValueError: for an unknown kind or knob name, l2_normalize with a kind that has no
-        codebook to normalize, or an n_embed / embed_dim that disagrees with the kind.
+        codebook to normalize, fsq levels the int32 grid cannot hold (a level < 2, a product
+        >= 2**31), or an n_embed / embed_dim that disagrees with the kind.
     """
     if kind not in _CLASSES:
         raise ValueError(f"config.quantizer.kind={kind!r} is not a quantizer; use one of "
@@ -645,6 +651,11 @@ def make_quantizer(kind: str, n_embed: int, embed_dim: int, beta: float = 0.25,
                          "quantizer; set it to False.")
     module = cls(n_embed=n_embed, embed_dim=embed_dim, beta=beta, l2_normalize=l2_normalize,
                  dtype=dtype, name=name, **knobs)
+    if kind == "fsq" and (min(module.fsq_levels, default=0) < 2
+                          or math.prod(module.fsq_levels) >= 2 ** 31):
+        raise ValueError(f"config.quantizer.fsq_levels={module.fsq_levels}: every level must "
+                         "be >= 2 and their product (the codebook size) < 2**31, the int32 "
+                         "index range.")
     if kind == "fsq" and embed_dim != len(module.fsq_levels):
         raise ValueError(f"config.model.embed_dim={embed_dim} must equal "
                          f"len(config.quantizer.fsq_levels)={len(module.fsq_levels)}.")
