@@ -176,3 +176,26 @@ def test_upsample_is_nearest_repeat_then_conv():
     assert y.shape == (2, 10, 14, 16)
     bound = (9 * 16 + 3) * np.finfo(np.float32).eps * magnitude
     assert np.all(np.abs(y - ref) <= bound)
+
+
+@pytest.mark.parametrize("kernel_size, stride, padding", [(3, 1, "SAME"), (3, 2, "VALID"),
+                                                          (1, 1, "SAME")])
+def test_conv_is_nn_conv_with_its_parameters_and_gradients(kernel_size, stride, padding):
+    """blocks.Conv initialises exactly as nn.Conv (same names, same draws) and gives its
+    output; the bias gradient (a matrix-vector product) is the float64 sum of the output
+    gradient within float32 rounding of a sum of B*H*W terms."""
+    from vqgan_jax.models.blocks import Conv, _torch_conv_init
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 9, 9, 8)), jnp.float32)
+    ours = Conv(16, kernel_size, stride, padding)
+    ref = nn.Conv(16, (kernel_size,) * 2, strides=(stride,) * 2, padding=padding,
+                  kernel_init=_torch_conv_init)
+    params = nn.meta.unbox(ours.init(jax.random.key(0), x))
+    assert jax.tree.all(jax.tree.map(np.array_equal, params, ref.init(jax.random.key(0), x)))
+    params = jax.tree.map(lambda p: p + 0.1, params)
+    y = ours.apply(params, x)
+    np.testing.assert_allclose(y, ref.apply(params, x), rtol=1e-6, atol=1e-6)
+    g = np.random.default_rng(2).normal(size=y.shape).astype(np.float32)
+    bias_grad = jax.vjp(lambda p: ours.apply(p, x), params)[1](jnp.asarray(g))[0]["params"]["bias"]
+    exact = g.astype(np.float64).sum(axis=(0, 1, 2))
+    bound = g[..., 0].size * np.finfo(np.float32).eps * np.abs(g).astype(np.float64).sum((0, 1, 2))
+    assert np.all(np.abs(np.asarray(bias_grad, np.float64) - exact) <= bound)

@@ -34,14 +34,64 @@ def constrain(x: jax.Array) -> jax.Array:
     return nn.with_logical_constraint(x, ACTIVATION_AXES)
 
 
+def channel_sum(g: jax.Array) -> jax.Array:
+    """``g: [..., C] -> float32[C]``, the sum over every axis but the last, as a vector-matrix
+    product: XLA:CPU runs dots multithreaded and vectorised, and this sum (a conv bias's
+    gradient) 6-12x faster than as a reduction at the sizes of a VQGAN's feature maps."""
+    c = g.shape[-1]
+    return jnp.dot(jnp.ones((g.size // c,), g.dtype), g.reshape(-1, c),
+                   precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
+    """``y + bias`` (bias broadcast over the last axis, cast to y's dtype); its gradient with
+    respect to ``bias`` is :func:`channel_sum` of the output gradient."""
+    return y + bias.astype(y.dtype)
+
+
+def _add_bias_fwd(y, bias):
+    return add_bias(y, bias), bias
+
+
+def _add_bias_bwd(bias, g):
+    return g, channel_sum(g).astype(bias.dtype)
+
+
+add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
+class Conv(nn.Module):
+    """``nn.Conv(features, (k, k), strides=(s, s), padding)`` with the same parameters
+    (``kernel [k, k, C_in, features]``, ``bias [features]``, float32, taming's init, logical
+    axis names), computed in ``dtype``, the bias added by :func:`add_bias`.
+
+    Call: ``x: [B, H, W, C_in] -> [B, H', W', features]``.
+    """
+    features: int
+    kernel_size: int
+    stride: int = 1
+    padding: Any = "SAME"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.kernel_size
+        kernel = self.param("kernel", nn.with_logical_partitioning(_torch_conv_init, KERNEL_AXES),
+                            (k, k, x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                               ("conv_out",)),
+                          (self.features,), jnp.float32)
+        y = jax.lax.conv_general_dilated(
+            x.astype(self.dtype), kernel.astype(self.dtype), (self.stride, self.stride),
+            self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return add_bias(y, bias)
+
+
 def conv(features: int, kernel_size: int, *, stride: int = 1, padding: Any = "SAME",
-         dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Conv:
+         dtype: Dtype = jnp.float32, name: str | None = None) -> Conv:
     """A 2-D convolution with taming's init and logical axis names on its parameters."""
-    return nn.Conv(
-        features, (kernel_size, kernel_size), strides=(stride, stride), padding=padding,
-        dtype=dtype, param_dtype=jnp.float32, name=name,
-        kernel_init=nn.with_logical_partitioning(_torch_conv_init, KERNEL_AXES),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)))
+    return Conv(features, kernel_size, stride, padding, dtype, name=name)
 
 
 def group_norm(num_groups: int, dtype: Dtype, name: str) -> nn.GroupNorm:
@@ -165,4 +215,4 @@ class _NearestUpsampleConv(nn.Module):
             rows.append(jnp.stack(cols, axis=3))                      # [B, H, W, 2, C]
         y = jnp.stack(rows, axis=2)                                   # [B, H, 2, W, 2, C]
         b_, h, _, w, _, c = y.shape
-        return y.reshape(b_, 2 * h, 2 * w, c) + bias.astype(self.dtype)
+        return add_bias(y.reshape(b_, 2 * h, 2 * w, c), bias)
