@@ -231,10 +231,9 @@ class CheckpointManager(ocp.CheckpointManager):
     def _failed(self, e: Exception) -> SaveFailed:
         if isinstance(e, SaveFailed):
             return e
-        step, self._saving = self._saving, None
         steps = checkpoint_steps(self.directory)
         return SaveFailed(
-            f"Saving checkpoint step {step} in {self.directory} failed ({type(e).__name__}: {e}). "
+            f"Saving checkpoint step {self._saving} in {self.directory} failed ({type(e).__name__}: {e}). "
             f"The run stopped; the checkpoints before it are intact (newest: "
             f"{steps[-1] if steps else 'none'}). Free disk space or fix the permissions, then "
             "rerun the same command to resume.")
