@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -30,10 +31,10 @@ def env() -> dict:
     return env
 
 
-def main_command(workdir: pathlib.Path, data: pathlib.Path, steps: int, *extra: str) -> list:
+def main_command(workdir: pathlib.Path, data: pathlib.Path, steps: int) -> list:
     return [sys.executable, "-m", "vqgan_jax.main", f"--config={ROOT / 'configs' / 'demo.py'}",
             f"--workdir={workdir}", *TINY, f"--config.dataset=folder:{data}",
-            f"--config.num_train_steps={steps}", "--config.max_checkpoints_to_keep=10", *extra]
+            f"--config.num_train_steps={steps}", "--config.max_checkpoints_to_keep=10"]
 
 
 def run(command: list, **kwargs) -> subprocess.CompletedProcess:
@@ -59,15 +60,13 @@ def restore(workdir: pathlib.Path, step: int) -> dict:
 
 
 def assert_same_arrays(a, b):
-    import jax
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def array_files(step_dir: pathlib.Path) -> list[pathlib.Path]:
-    """The checkpoint's array data files, largest first."""
-    return sorted((step_dir / "state" / "ocdbt.process_0" / "d").iterdir(),
-                  key=lambda p: -p.stat().st_size)
+def largest_array_file(step_dir: pathlib.Path) -> pathlib.Path:
+    return max((step_dir / "state" / "ocdbt.process_0" / "d").iterdir(),
+               key=lambda p: p.stat().st_size)
 
 
 def snapshot(root: pathlib.Path) -> dict[str, str]:
@@ -130,7 +129,7 @@ def test_a_crash_leaves_a_stale_lock_and_a_damaged_checkpoint_the_restart_surviv
                           capture_output=True, text=True)
     (workdir / "LOCK").write_text(json.dumps(
         {"host": socket.gethostname(), "pid": int(dead.stdout), "started": "yesterday"}))
-    damaged = array_files(workdir / "checkpoints" / "4")[0]
+    damaged = largest_array_file(workdir / "checkpoints" / "4")
     os.truncate(damaged, damaged.stat().st_size // 2)  # the newest checkpoint cut short
     kept = damaged.read_bytes()
 
@@ -143,8 +142,8 @@ def test_a_crash_leaves_a_stale_lock_and_a_damaged_checkpoint_the_restart_surviv
     assert f"Resumed from {workdir / 'checkpoints'} at step 2" in result.stderr
     assert not (workdir / "LOCK").exists()
     # The damaged folder is moved aside, not deleted; steps 3 and 4 were trained again.
-    aside = workdir / "damaged_checkpoints" / "4" / damaged.relative_to(workdir / "checkpoints" / "4")
-    assert aside.read_bytes() == kept
+    relative = damaged.relative_to(workdir / "checkpoints" / "4")
+    assert (workdir / "damaged_checkpoints" / "4" / relative).read_bytes() == kept
     assert steps(workdir) == [2, 4]
     assert int(restore(workdir, 4)["step"]) == 4
     assert json.loads((workdir / "metrics.json").read_text())["step"] == 4
@@ -175,12 +174,13 @@ def test_no_intact_checkpoint_stops_every_command_with_one_message_and_deletes_n
 
 def test_failing_save_stops_the_run_and_keeps_the_previous_checkpoint(trained, workdir):
     scalars = (workdir / "scalars.jsonl").read_text()
-    # RLIMIT_FSIZE of 256 KiB: every array file of a checkpoint is larger, logs are not.
+    # RLIMIT_FSIZE of 256 KiB: every array file of a checkpoint is larger, logs are not. The
+    # save of step 6 fails in the background; the save of step 7 reports it.
     result = run(["bash", "-c", 'ulimit -f 256 && exec "$@"', "bash",
-                  *main_command(workdir, trained[1], 5)])
+                  *main_command(workdir, trained[1], 7)])
     assert result.returncode == 1, result.stderr[-3000:]
     message = error_line(result.stderr)
-    assert message.startswith(f"Error: Saving checkpoint step 5 in {workdir / 'checkpoints'} "
+    assert message.startswith(f"Error: Saving checkpoint step 6 in {workdir / 'checkpoints'} "
                               "failed"), result.stderr[-3000:]
     assert "File too large" in message and "newest: 4" in message
     assert steps(workdir) == [2, 4] and not (workdir / "LOCK").exists()
@@ -215,3 +215,17 @@ def test_each_evaluation_is_kept_with_an_index(workdir):
         assert report["step"] == entry["step"] and report["psnr"] == entry["psnr"]
         assert (workdir / "eval" / entry["file"].replace(".json", ".png")).exists()
     assert json.loads((workdir / "eval.json").read_text())["step"] == 2  # the latest
+
+
+def test_a_lock_from_another_host_is_refused_unless_forced(tmp_path):
+    """A lock whose holder runs elsewhere cannot be checked: refused, --force_unlock takes it."""
+    from vqgan_jax import workdir as workdir_lib
+    lock = tmp_path / "LOCK"
+    lock.write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": "then"}))
+    with pytest.raises(workdir_lib.WorkdirLocked,
+                       match=r"\(host elsewhere, pid 1, started then\).*--force_unlock"):
+        with workdir_lib.locked(str(tmp_path)):
+            pass
+    with workdir_lib.locked(str(tmp_path), force=True):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert not lock.exists()
