@@ -210,6 +210,10 @@ class CheckpointManager(ocp.CheckpointManager):
     An async save that fails in the background is reported by the next ``save`` or by
     ``wait_until_finished``; the folder it was writing stays a temporary one, which restores
     ignore, so the checkpoints before it stay the newest intact ones.
+
+    Raises:
+      SaveFailed: from ``save`` and ``wait_until_finished``, naming the step being saved, the
+        folder, the underlying error and the newest finished step.
     """
 
     _saving: int | None = None
@@ -250,6 +254,9 @@ def save_evaluation(workdir: str, report: dict[str, Any], split: str) -> epath.P
 
     Returns:
       The report's path without its ``.json`` suffix (for files that go with it).
+
+    Raises:
+      OSError / ValueError: when a file cannot be written or ``eval/index.json`` is not JSON.
     """
     protocol = hashlib.sha256(json.dumps(report["protocol"], sort_keys=True,
                                          default=str).encode()).hexdigest()[:8]
