@@ -22,6 +22,8 @@ with ``torch.load(weights_only=True)``; ``--trust_pickle`` unpickles one file yo
 work is done by :mod:`vqgan_jax.interop.taming`.
 """
 
+import sys
+
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -66,7 +68,11 @@ def main(argv):
     else:
         if not _WORKDIR.value:
             raise app.UsageError("--to_taming needs --workdir=DIR (a stage-1 workdir).")
-        state_dict = taming.convert_to_taming(_WORKDIR.value, _TO.value, _LOSS.value)
+        from vqgan_jax import workdir
+        try:
+            state_dict = taming.convert_to_taming(_WORKDIR.value, _TO.value, _LOSS.value)
+        except workdir.WorkdirError as e:  # no intact checkpoint: the message, no stack trace
+            sys.exit(f"Error: {e}")
         print(f"Wrote {_TO.value} ({len(state_dict)} tensors)")
 
 

@@ -4,11 +4,15 @@ A stage-2 (transformer) workdir is scored instead by sampling ``--num_samples`` 
 ``fid`` against ``--ref_stats`` and ``inception_score`` (see
 :func:`vqgan_jax.evaluation.evaluate_samples`).
 
-Writes ``DIR/eval.json`` (psnr, ssim, lpips, codebook_usage, perplexity, rfid with
-``--inception_weights``, and the protocol) and ``DIR/eval_reconstructions.png``. With
+Keeps each evaluation in ``DIR/eval/step_<step>_<split>_<protocol>.json`` (psnr, ssim, lpips,
+codebook_usage, perplexity, rfid with ``--inception_weights``, and the protocol), listed in
+``DIR/eval/index.json``; ``DIR/eval.json`` and ``DIR/eval_reconstructions.png`` hold the latest.
+The newest intact checkpoint is evaluated; a workdir with none ends with that message. With
 ``--write_ref_stats=PATH`` (and no workdir) it instead saves the Inception statistics of the
 dataset split for reuse as ``--ref_stats``. See :mod:`vqgan_jax.evaluation`.
 """
+
+import sys
 
 from absl import app, flags, logging
 
@@ -46,6 +50,14 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.ini
 
 
 def main(argv):
+    from vqgan_jax import workdir
+    try:
+        _main(argv)
+    except workdir.WorkdirError as e:
+        sys.exit(f"Error: {e}")
+
+
+def _main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     import jax
@@ -73,12 +85,12 @@ def main(argv):
             ref_stats=_REF_STATS.value, batch_size=_BATCH_SIZE.value, top_k=_TOP_K.value,
             top_p=_TOP_P.value, temperature=_TEMPERATURE.value,
             guidance_scale=_GUIDANCE.value, seed=_SEED.value)
-        logging.info("eval.json: %s", {k: v for k, v in report.items() if k != "protocol"})
+        logging.info("Evaluation: %s", {k: v for k, v in report.items() if k != "protocol"})
         return
     report = evaluation.evaluate_workdir(
         _WORKDIR.value, dataset=_DATASET.value, inception_weights=_INCEPTION.value,
         ref_stats=_REF_STATS.value, step=_STEP.value, **common)
-    logging.info("eval.json: %s", {k: v for k, v in report.items() if k != "protocol"})
+    logging.info("Evaluation: %s", {k: v for k, v in report.items() if k != "protocol"})
 
 
 if __name__ == "__main__":

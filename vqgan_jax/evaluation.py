@@ -9,8 +9,10 @@ batches sharded over every device, the last batch zero-padded and masked:
       -> PSNR, SSIM, LPIPS per image; code counts         (tokenizer.score_reconstructions)
       -> Inception-v3 pool features of x and x_hat -> running float64 moments -> rFID
 
-It writes ``eval.json`` (the figures and the protocol they were measured under) and
-``eval_reconstructions.png`` into the workdir. :func:`write_reference_stats` computes the
+It keeps each evaluation in ``eval/step_<step>_<split>_<protocol>.json`` (the figures and
+the protocol they were measured under) with its reconstructions ``.png`` and an entry in
+``eval/index.json``; ``eval.json`` and ``eval_reconstructions.png`` hold the latest
+(:func:`vqgan_jax.workdir.save_evaluation`). :func:`write_reference_stats` computes the
 Inception statistics of a dataset split once, for reuse as ``--ref_stats``.
 """
 
@@ -30,7 +32,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from vqgan_jax import metrics, parallel
+from vqgan_jax import metrics, parallel, workdir as workdir_lib
 from vqgan_jax.data import pipeline, sources
 from vqgan_jax.models import inception
 from vqgan_jax.models.lpips import load_lpips_params
@@ -164,12 +166,14 @@ def _lists_to_tuples(tree: Any) -> Any:
 
 
 def _open_checkpoints(workdir: str, step: int | None
-                      ) -> tuple[ocp.CheckpointManager, int, ml_collections.ConfigDict]:
-    """The checkpoint manager, the step to evaluate and the training config of a workdir.
+                      ) -> tuple[ocp.CheckpointManager, list[int], ml_collections.ConfigDict]:
+    """The checkpoint manager, the steps to try (``[step]``, or every step: the newest intact
+    one is evaluated) and the training config of a workdir.
 
     Raises:
       ValueError: naming ``--workdir`` / ``--step`` when there is no such checkpoint, or the
         workdir is not a stage-1 (tokenizer) workdir.
+      vqgan_jax.workdir.NoIntactCheckpoint: when no config of those steps can be read.
     """
     ckpt_dir = epath.Path(workdir) / "checkpoints"
     if not ckpt_dir.is_dir():
@@ -182,12 +186,12 @@ def _open_checkpoints(workdir: str, step: int | None
         if not steps:
             raise ValueError(f"--workdir={workdir}: checkpoints/ holds no finished checkpoint; "
                              "train first (or wait for the first checkpoint to be written).")
-        step = max(steps) if step is None else step
-        if step not in steps:
+        if step is not None and step not in steps:
             raise ValueError(f"--step={step}: no checkpoint at that step in {ckpt_dir} (there "
                              f"are {sorted(steps)}).")
-        raw = manager.restore(step, args=ocp.args.Composite(
-            config=ocp.args.JsonRestore()))["config"]
+        steps = list(steps) if step is None else [step]
+        _, raw = workdir_lib.restore_newest(ckpt_dir, lambda s: manager.restore(
+            s, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"], steps)
         config = ml_collections.ConfigDict(_lists_to_tuples(raw))
         if config.get("stage", "tokenizer") != "tokenizer":
             raise ValueError(
@@ -197,25 +201,30 @@ def _open_checkpoints(workdir: str, step: int | None
     except BaseException:
         manager.close()
         raise
-    return manager, step, config
+    return manager, steps, config
 
 
-def _restore_g_params(manager: ocp.CheckpointManager, step: int,
-                      config: ml_collections.ConfigDict, mesh) -> Any:
-    """The tokenizer parameters at ``step``, replicated over ``mesh``; closes the manager.
+def _restore_g_params(manager: ocp.CheckpointManager, steps: list[int],
+                      config: ml_collections.ConfigDict, mesh) -> tuple[int, Any]:
+    """The newest of ``steps`` that restores and its tokenizer parameters, replicated over
+    ``mesh``; closes the manager.
 
     These are the generator EMA weights when the run kept them (``config.loss.ema_decay > 0``),
-    else ``g_params`` (:func:`vqgan_jax.trainers.tokenizer.eval_params`)."""
+    else ``g_params`` (:func:`vqgan_jax.trainers.tokenizer.eval_params`).
+
+    Raises:
+      vqgan_jax.workdir.NoIntactCheckpoint: when none of ``steps`` restores."""
     try:
         sc = tokenizer.build_step_config(config)
         abstract = jax.eval_shape(lambda key: tokenizer.init_state(key, sc, config.image_size),
                                   jax.random.key(0))
-        shardings = jax.tree.map(lambda _: parallel.replicated(mesh), abstract)
-        state = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(loop.abstract_like(abstract, shardings))))["state"]
+        target = loop.abstract_like(abstract, jax.tree.map(lambda _: parallel.replicated(mesh),
+                                                           abstract))
+        step, state = workdir_lib.restore_newest(manager.directory, lambda s: manager.restore(
+            s, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"], steps)
     finally:
         manager.close()
-    return tokenizer.eval_params(state)
+    return step, tokenizer.eval_params(state)
 
 
 def restore_tokenizer(workdir: str, step: int | None, mesh) -> tuple[ml_collections.ConfigDict,
@@ -223,10 +232,12 @@ def restore_tokenizer(workdir: str, step: int | None, mesh) -> tuple[ml_collecti
     """The training config, tokenizer params (replicated on ``mesh``) and step of a workdir.
 
     Raises:
-      ValueError: as :func:`evaluate_workdir` for ``--workdir`` and ``--step``.
+      ValueError / NoIntactCheckpoint: as :func:`evaluate_workdir` for ``--workdir`` and
+        ``--step``.
     """
-    manager, step, config = _open_checkpoints(workdir, step)
-    return config, _restore_g_params(manager, step, config, mesh), step
+    manager, steps, config = _open_checkpoints(workdir, step)
+    step, g_params = _restore_g_params(manager, steps, config, mesh)
+    return config, g_params, step
 
 
 def _get_source(dataset: str, split: str, data_dir: str | None) -> sources.ImageSource:
@@ -258,7 +269,7 @@ def evaluate_workdir(workdir: str, *, dataset: str | None = None, split: str = "
                      image_size: int = 256, batch_size: int = 64,
                      inception_weights: str | None = None, ref_stats: str | None = None,
                      step: int | None = None, num_grid_images: int = 8) -> dict[str, Any]:
-    """Score a stage-1 workdir's tokenizer on a dataset split; write ``eval.json`` and a grid.
+    """Score a stage-1 workdir's tokenizer on a dataset split; keep the report and a grid.
 
     Args:
       workdir: a workdir trained by ``python -m vqgan_jax.main`` (its ``checkpoints/``).
@@ -276,8 +287,8 @@ def evaluate_workdir(workdir: str, *, dataset: str | None = None, split: str = "
       num_grid_images: rows of ``eval_reconstructions.png``.
 
     Returns:
-      The report written to ``workdir/eval.json``: ``psnr`` (dB), ``ssim``, ``lpips``
-      (means over images), ``codebook_usage`` (fraction of codes used over all images),
+      The report kept by :func:`vqgan_jax.workdir.save_evaluation`: ``psnr`` (dB), ``ssim``,
+      ``lpips`` (means over images), ``codebook_usage`` (fraction of codes used over all images),
       ``perplexity``, ``rfid`` (with Inception weights), ``num_images``, ``step``,
       ``protocol`` and ``notes``.
 
@@ -291,7 +302,7 @@ def evaluate_workdir(workdir: str, *, dataset: str | None = None, split: str = "
     if not epath.Path(workdir).is_dir():
         raise ValueError(f"--workdir={workdir} does not exist; pass the workdir a "
                          "`python -m vqgan_jax.main` run trained into.")
-    manager, step, config = _open_checkpoints(workdir, step)
+    manager, steps, config = _open_checkpoints(workdir, step)
     try:
         dataset = dataset or config.dataset
         data_dir = data_dir or config.get("data_dir")
@@ -328,7 +339,7 @@ def evaluate_workdir(workdir: str, *, dataset: str | None = None, split: str = "
     except BaseException:
         manager.close()
         raise
-    g_params = _restore_g_params(manager, step, config, mesh)
+    step, g_params = _restore_g_params(manager, steps, config, mesh)
     notes = []
 
     lpips_params = jax.device_put(load_lpips_params(), parallel.replicated(mesh))
@@ -390,10 +401,11 @@ def evaluate_workdir(workdir: str, *, dataset: str | None = None, split: str = "
                  "workdir has none.")
     report.update(protocol=protocol, notes=notes)
     if jax.process_index() == 0:
-        loop.write_json(os.path.join(workdir, "eval.json"), report)
+        stem = workdir_lib.save_evaluation(workdir, report, split)
         if grid_x:
-            loop.write_png(os.path.join(workdir, "eval_reconstructions.png"),
-                           tokenizer.comparison_grid(grid_x, grid_x_hat))
+            grid = tokenizer.comparison_grid(grid_x, grid_x_hat)
+            loop.write_png(os.fspath(stem) + ".png", grid)
+            loop.write_png(os.path.join(workdir, "eval_reconstructions.png"), grid)
     logging.info("Evaluation of %s: %s", workdir,
                  {k: v for k, v in report.items() if k not in ("protocol", "notes")})
     return report
@@ -423,8 +435,8 @@ def evaluate_samples(workdir: str, *, num_samples: int, inception_weights: str,
       seed: sampling seed.
 
     Returns:
-      The report written to ``workdir/eval.json``: ``fid`` (with ``ref_stats``),
-      ``inception_score`` and ``inception_score_std`` (10 splits; 1 below 10 samples),
+      The report kept by :func:`vqgan_jax.workdir.save_evaluation` (split ``samples``):
+      ``fid`` (with ``ref_stats``), ``inception_score`` and ``inception_score_std`` (10 splits; 1 below 10 samples),
       ``num_samples``, ``step``,
       ``protocol`` (sampling settings, image size, Inception variant, reference statistics)
       and ``notes``.
@@ -490,7 +502,7 @@ def evaluate_samples(workdir: str, *, num_samples: int, inception_weights: str,
         ref_stats_protocol=ref[2] if ref is not None else None)
     report["notes"] = notes
     if jax.process_index() == 0:
-        loop.write_json(os.path.join(workdir, "eval.json"), report)
+        workdir_lib.save_evaluation(workdir, report, "samples")
     logging.info("Evaluation of %s: %s", workdir,
                  {k: v for k, v in report.items() if k not in ("protocol", "notes")})
     return report

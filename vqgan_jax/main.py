@@ -4,7 +4,14 @@
 
 Any config field can be overridden on the command line, e.g. ``--config.num_train_steps=100``
 or ``--config.dataset=folder:/path/to/images``. Re-running with the same --workdir resumes.
+
+The job holds ``WORKDIR/LOCK`` while it runs (:func:`vqgan_jax.workdir.locked`): a second job on
+the same workdir stops at once, naming the holder. Workdir faults (the workdir in use, no intact
+checkpoint, a failed save) end the process with their message and exit status 1.
 """
+
+import signal
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -17,6 +24,10 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "multi-host TPU pod or GPU cluster (the launch/ scripts do); the coordinator, the number of "
     "processes and this process's index come from the cluster's environment (Cloud TPU "
     "metadata, SLURM, Open MPI, Kubernetes).")
+_FORCE_UNLOCK = flags.DEFINE_bool(
+    "force_unlock", False, "Take over WORKDIR/LOCK even if its holder may still run: only for a "
+    "lock left by a job on another host that is certainly gone (a lock of a dead process on "
+    "this host is taken over without it).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 STAGES = ("tokenizer", "transformer")  # modules of vqgan_jax.trainers
@@ -36,8 +47,16 @@ def main(argv):
     logging.info("JAX %s: %d processes, %d devices (%s)", jax.__version__, jax.process_count(),
                  jax.device_count(), jax.devices()[0].platform)
     import importlib
-    trainer = importlib.import_module(f"vqgan_jax.trainers.{config.stage}")
-    trainer.train_and_evaluate(config, _WORKDIR.value)
+    from vqgan_jax import workdir
+    if not _DISTRIBUTED.value:  # (jax.distributed handles SIGTERM itself)
+        # SIGTERM outside the training loop (which saves first) exits through the lock's release.
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        with workdir.locked(_WORKDIR.value, force=_FORCE_UNLOCK.value):
+            trainer = importlib.import_module(f"vqgan_jax.trainers.{config.stage}")
+            trainer.train_and_evaluate(config, _WORKDIR.value)
+    except workdir.WorkdirError as e:
+        sys.exit(f"Error: {e}")
 
 
 if __name__ == "__main__":

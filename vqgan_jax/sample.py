@@ -6,8 +6,11 @@
 A row per class id (``--num`` samples each); an unconditional model takes no --class_ids and
 draws ``--num`` samples. ``--height/--width`` (in codes) beyond the training grid sample with a
 sliding window into larger images; ``--guidance_scale`` applies classifier-free guidance.
-The work is done by :func:`vqgan_jax.trainers.transformer.sample_to_png`.
+The work is done by :func:`vqgan_jax.trainers.transformer.sample_to_png`, from the newest intact
+checkpoints of the workdir and its tokenizer.
 """
+
+import sys
 
 from absl import app, flags
 
@@ -28,15 +31,19 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    from vqgan_jax import workdir
     from vqgan_jax.trainers import transformer
     try:
         class_ids = [int(c) for c in _CLASS_IDS.value]
     except ValueError as e:
         raise app.UsageError(f"--class_ids={','.join(_CLASS_IDS.value)}: {e}") from e
-    transformer.sample_to_png(
-        _WORKDIR.value, _OUT.value, class_ids=class_ids, num=_NUM.value, top_k=_TOP_K.value,
-        top_p=_TOP_P.value, temperature=_TEMPERATURE.value, guidance_scale=_GUIDANCE.value,
-        height=_HEIGHT.value, width=_WIDTH.value, seed=_SEED.value)
+    try:
+        transformer.sample_to_png(
+            _WORKDIR.value, _OUT.value, class_ids=class_ids, num=_NUM.value, top_k=_TOP_K.value,
+            top_p=_TOP_P.value, temperature=_TEMPERATURE.value, guidance_scale=_GUIDANCE.value,
+            height=_HEIGHT.value, width=_WIDTH.value, seed=_SEED.value)
+    except workdir.WorkdirError as e:  # no intact checkpoint: the message, not a stack trace
+        sys.exit(f"Error: {e}")
 
 
 if __name__ == "__main__":

@@ -522,10 +522,12 @@ def _save(manager: ocp.CheckpointManager, step: int, state: Any,
 
 
 def read_tokenizer_workdir(workdir: str, field: str = "--workdir") -> dict[str, Any]:
-    """The latest ``g_params``, ``d_params``, ``d_batch_stats`` and ``step`` of a stage-1 workdir.
+    """The latest ``g_params``, ``d_params``, ``d_batch_stats`` and ``step`` of a stage-1 workdir
+    (its newest intact checkpoint).
 
     Raises:
       ValueError: naming ``field`` when ``workdir`` holds no checkpoint or is not stage 1.
+      vqgan_jax.workdir.NoIntactCheckpoint: when no checkpoint restores.
     """
     from vqgan_jax import parallel
     from vqgan_jax.trainers import loop
@@ -540,12 +542,11 @@ def read_tokenizer_workdir(workdir: str, field: str = "--workdir") -> dict[str, 
                               f"--to_taming exports a stage-1 (tokenizer) workdir.{hint}")
     vq, disc = stage1.build_models(config)
     mesh = parallel.create_mesh(devices=jax.devices()[:1])
-    out = {"step": loop.latest_step(workdir, field)}
-    for name, abstract in zip(("g_params", "d_params", "d_batch_stats"),
-                              abstract_tokenizer(vq, disc, config.image_size)):
-        target = loop.abstract_like(abstract, parallel.state_shardings(abstract, mesh))
-        out[name] = loop.restore_subtree(workdir, field, name, target)
-    return out
+    targets = {name: loop.abstract_like(abstract, parallel.state_shardings(abstract, mesh))
+               for name, abstract in zip(("g_params", "d_params", "d_batch_stats"),
+                                         abstract_tokenizer(vq, disc, config.image_size))}
+    step, out = loop.restore_subtrees(workdir, field, targets)  # all from one intact step
+    return {"step": step, **out}
 
 
 # ----------------------------------------------------------------------------- the two jobs

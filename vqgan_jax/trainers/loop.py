@@ -16,8 +16,8 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
-from vqgan_jax import parallel
-from vqgan_jax.trainers.writers import JsonlWriter, metric_writers
+from vqgan_jax import parallel, workdir as workdir_lib
+from vqgan_jax.trainers.writers import JsonlWriter, LoggedFailures, metric_writers
 
 
 def create_sharded_state(init_fn: Callable[..., Any], rng: jax.Array, mesh: Mesh,
@@ -117,11 +117,12 @@ def compile_stats(compiled: Any) -> dict[str, float | None]:
 
 def checkpoint_manager(workdir: str, *, max_to_keep: int,
                        item_names: tuple[str, ...]) -> ocp.CheckpointManager:
-    """An async orbax CheckpointManager in ``workdir/checkpoints``; steps name the folders."""
+    """An async orbax CheckpointManager in ``workdir/checkpoints``; steps name the folders. A
+    failed save raises :class:`vqgan_jax.workdir.SaveFailed` (at the next save or wait)."""
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
                                            enable_async_checkpointing=True, create=True)
-    return ocp.CheckpointManager(epath.Path(workdir) / "checkpoints", item_names=item_names,
-                                 options=options)
+    return workdir_lib.CheckpointManager(epath.Path(workdir) / "checkpoints",
+                                         item_names=item_names, options=options)
 
 
 def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
@@ -157,13 +158,23 @@ class RunCheckpoints:
         self._config = config.to_dict()
 
     def restore_latest(self, state: Any, shardings: Any) -> Any:
-        """``state`` from the newest checkpoint onto ``shardings`` (the data iterator is
-        restored in place), or ``state`` itself when there is none."""
-        step = self.manager.latest_step()
-        if step is None:
+        """``state`` from the newest intact checkpoint onto ``shardings`` (the data iterator is
+        restored in place), or ``state`` itself when there is none. Newer damaged checkpoints
+        are named in a warning and moved to ``WORKDIR/damaged_checkpoints/``.
+
+        Raises:
+          vqgan_jax.workdir.NoIntactCheckpoint: when no checkpoint restores (none is moved).
+        """
+        steps = self.manager.all_steps()
+        if not steps:
             return state
-        state = restore_state(self.manager, step, abstract_like(state, shardings),
-                              self._train_iter)
+        target = abstract_like(state, shardings)
+        step, state = workdir_lib.restore_newest(
+            self.manager.directory,
+            lambda s: restore_state(self.manager, s, target, self._train_iter), steps)
+        if damaged := [s for s in steps if s > step]:
+            workdir_lib.set_aside(self.manager.directory, damaged)
+            self.manager.reload()
         logging.info("Resumed from %s at step %d", self.manager.directory, step)
         return state
 
@@ -184,12 +195,17 @@ def abstract_like(state: Any, shardings: Any) -> Any:
 
 def create_writer(workdir: str) -> metric_writers.MetricWriter:
     """clu writer: console logging everywhere; on process 0 also TensorBoard events and
-    ``scalars.jsonl`` (one JSON object ``{"step": s, name: value, ...}`` a line) in workdir."""
+    ``scalars.jsonl`` (one JSON object ``{"step": s, name: value, ...}`` a line) in workdir,
+    whose failing writes are logged without stopping training (:class:`LoggedFailures`)."""
     writer = metric_writers.create_default_writer(
         workdir, just_logging=jax.process_index() > 0, asynchronous=True)
     if jax.process_index() > 0:
         return writer
-    return metric_writers.MultiWriter([writer, JsonlWriter(os.path.join(workdir, "scalars.jsonl"))])
+    # A failing write (full disk, an unwritable file) is logged and training goes on.
+    return metric_writers.MultiWriter([
+        LoggedFailures(writer, f"TensorBoard ({workdir})"),
+        LoggedFailures(JsonlWriter(os.path.join(workdir, "scalars.jsonl")),
+                       os.path.join(workdir, "scalars.jsonl"))])
 
 
 def all_finite(*scalars: jax.Array) -> jax.Array:
@@ -419,14 +435,15 @@ def write_png(path: str, image) -> None:
 
 
 def latest_step(workdir: str, field: str) -> int:
-    """The latest checkpoint step in ``workdir/checkpoints``.
+    """The latest checkpoint step in ``workdir/checkpoints`` (skipping any this process found
+    damaged, :func:`vqgan_jax.workdir.restore_newest`).
 
     Raises:
       ValueError: naming ``field`` (the config field or flag that gave ``workdir``) when there
         is no checkpoint there, and what to run to make one.
     """
     directory = epath.Path(workdir) / "checkpoints"
-    steps = ocp.utils.checkpoint_steps(directory) if directory.exists() else []
+    steps = workdir_lib.checkpoint_steps(directory)
     if not steps:
         raise ValueError(
             f"{field}={workdir!r} holds no checkpoint ({directory} has no step folder); train "
@@ -436,37 +453,57 @@ def latest_step(workdir: str, field: str) -> int:
 
 
 def read_config(workdir: str, field: str):
-    """The ml_collections config saved with the latest checkpoint of ``workdir``.
+    """The ml_collections config saved with the latest readable checkpoint of ``workdir``.
 
     JSON lists come back as tuples, as the recipes write them (modules need hashable fields).
 
     Raises:
       ValueError: as :func:`latest_step`.
+      vqgan_jax.workdir.NoIntactCheckpoint: when no checkpoint's config can be read.
     """
     import ml_collections
-    step = latest_step(workdir, field)
-    path = epath.Path(workdir) / "checkpoints" / str(step) / "config" / "metadata"
+    latest_step(workdir, field)
+    directory = epath.Path(workdir) / "checkpoints"
     as_tuples = lambda x: tuple(x) if isinstance(x, list) else x
-    return ml_collections.ConfigDict(json.loads(path.read_text(), object_hook=lambda d: {
-        k: as_tuples(v) for k, v in d.items()}))
+    _, config = workdir_lib.restore_newest(directory, lambda step: json.loads(
+        (directory / str(step) / "config" / "metadata").read_text(),
+        object_hook=lambda d: {k: as_tuples(v) for k, v in d.items()}))
+    return ml_collections.ConfigDict(config)
 
 
 def restore_subtree(workdir: str, field: str, name: str, abstract: Any) -> Any:
-    """Restore only ``state.<name>`` of the latest checkpoint in ``workdir``, onto the shardings
-    that ``abstract`` (ShapeDtypeStructs, see :func:`abstract_like`) carries.
+    """Restore only ``state.<name>`` of the latest intact checkpoint in ``workdir``, onto the
+    shardings that ``abstract`` (ShapeDtypeStructs, see :func:`abstract_like`) carries.
 
-    The rest of the saved state (optimizer states, a discriminator) is never read.
+    Raises:
+      As :func:`restore_subtrees`.
+    """
+    return restore_subtrees(workdir, field, {name: abstract})[1][name]
+
+
+def restore_subtrees(workdir: str, field: str, abstract: dict[str, Any]) -> tuple[int, dict]:
+    """Restore ``{name: state.<name>}`` for the names of ``abstract``, all from one checkpoint:
+    the newest that restores (damaged newer ones are named in a warning). The rest of the saved
+    state (optimizer states, a discriminator) is never read.
+
+    Returns:
+      ``(step, restored)``.
 
     Raises:
       ValueError: as :func:`latest_step`.
+      vqgan_jax.workdir.NoIntactCheckpoint: when no checkpoint restores.
     """
-    step = latest_step(workdir, field)
-    path = epath.Path(workdir) / "checkpoints" / str(step) / "state"
-    restore_args = ocp.checkpoint_utils.construct_restore_args({name: abstract})
-    with ocp.PyTreeCheckpointer() as checkpointer:
-        restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-            item={name: abstract}, restore_args=restore_args, partial_restore=True))
-    return restored[name]
+    latest_step(workdir, field)
+    directory = epath.Path(workdir) / "checkpoints"
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+
+    def restore(step):
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            return checkpointer.restore(directory / str(step) / "state",
+                                        args=ocp.args.PyTreeRestore(item=abstract,
+                                                                    restore_args=restore_args,
+                                                                    partial_restore=True))
+    return workdir_lib.restore_newest(directory, restore)
 
 
 def absolute(workdir: str) -> str:

@@ -17,6 +17,7 @@ import types
 from typing import Any, Mapping
 
 import numpy as np
+from absl import logging
 
 _SUMMARY_MODULE = "clu.metric_writers.summary_writer"
 
@@ -137,6 +138,27 @@ class JsonlWriter:
         self.flush()
 
 
+class LoggedFailures:
+    """Wraps a clu ``MetricWriter``: a call that raises (a full disk, an unwritable file, an
+    error from an asynchronous write surfacing later) is logged with the error and dropped, so
+    that a metrics write never stops training. :class:`JsonlWriter` keeps the rows it could not
+    write and writes them with the next row that succeeds."""
+
+    def __init__(self, writer: Any, name: str):
+        self._writer, self._name = writer, name
+
+    def __getattr__(self, method: str):
+        call = getattr(self._writer, method)
+
+        def logged(*args, **kwargs):
+            try:
+                return call(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001  (whatever the writer raises, training goes on)
+                logging.warning("Metrics writer %s: %s failed (%s: %s); training goes on.",
+                                self._name, method, type(e).__name__, e)
+        return logged
+
+
 def _tensorflow_importable() -> bool:
     try:
         return importlib.util.find_spec("tensorflow") is not None
@@ -156,4 +178,5 @@ _install_shim_if_no_tensorflow()
 
 from clu import metric_writers, periodic_actions  # noqa: E402  (after the shim, on purpose)
 
-__all__ = ["metric_writers", "periodic_actions", "JsonlWriter", "TensorboardXSummaryWriter"]
+__all__ = ["metric_writers", "periodic_actions", "JsonlWriter", "LoggedFailures",
+           "TensorboardXSummaryWriter"]
