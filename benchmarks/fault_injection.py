@@ -138,7 +138,10 @@ def crash(w: pathlib.Path) -> None:
 def damaged_newest(w: pathlib.Path) -> None:
     before, scalars = checkpoints(w), (w / "scalars.jsonl").read_text()
     newest = max(before)
-    truncate(array_file(w / "checkpoints" / str(newest)))
+    target = array_file(w / "checkpoints" / str(newest))
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x10          # one flipped bit: only the recorded checksum sees it
+    target.write_bytes(bytes(data))
     result = run(main_command(w, newest + 2))
     expect(result.returncode == 0 and f"checkpoints/{newest} is damaged" in result.stderr,
            "no fallback past the damaged checkpoint", result)

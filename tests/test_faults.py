@@ -1,5 +1,5 @@
 """Workdir faults through the command line (issue 14): a second job on one workdir, the stale
-lock and damaged newest checkpoint a crash leaves, no intact checkpoint at all, a save that
+lock and damaged newest checkpoint (a flipped bit) a crash leaves, no intact checkpoint at all, a save that
 fails (file size limit), a metrics file that cannot be written, and evaluations kept side by
 side. Each test works on its own copy of one tokenizer workdir trained for 4 steps
 (checkpoints 2 and 4)."""
@@ -82,6 +82,8 @@ def trained(tmp_path_factory):
     result = run(main_command(workdir, data, 4))
     assert result.returncode == 0, result.stderr[-3000:]
     assert steps(workdir) == [2, 4] and not (workdir / "LOCK").exists()
+    sums = json.loads((workdir / "checkpoint_checksums" / "4.json").read_text())
+    assert sums == snapshot(workdir / "checkpoints" / "4")   # every file, as saved
     return workdir, data
 
 
@@ -130,7 +132,9 @@ def test_a_crash_leaves_a_stale_lock_and_a_damaged_checkpoint_the_restart_surviv
     (workdir / "LOCK").write_text(json.dumps(
         {"host": socket.gethostname(), "pid": int(dead.stdout), "started": "yesterday"}))
     damaged = largest_array_file(workdir / "checkpoints" / "4")
-    os.truncate(damaged, damaged.stat().st_size // 2)  # the newest checkpoint cut short
+    data = bytearray(damaged.read_bytes())   # one bit flipped in the newest checkpoint: orbax
+    data[len(data) // 2] ^= 0x10             # would restore it silently, its checksum does not
+    damaged.write_bytes(bytes(data))
     kept = damaged.read_bytes()
 
     result = run(main_command(workdir, trained[1], 4))
@@ -139,6 +143,7 @@ def test_a_crash_leaves_a_stale_lock_and_a_damaged_checkpoint_the_restart_surviv
             f"{socket.gethostname()}, pid {int(dead.stdout)}, started yesterday) is no longer "
             "running") in result.stderr
     assert f"Checkpoint {workdir / 'checkpoints' / '4'} is damaged or unreadable" in result.stderr
+    assert f"{damaged} differs from its SHA-256 at save" in result.stderr
     assert f"Resumed from {workdir / 'checkpoints'} at step 2" in result.stderr
     assert not (workdir / "LOCK").exists()
     # The damaged folder is moved aside, not deleted; steps 3 and 4 were trained again.

@@ -4,7 +4,8 @@ checkpoint, saves that fail loudly.
 - :func:`locked`: the ``LOCK`` file that ``python -m vqgan_jax.main`` holds (process 0) while it
   writes; a second job on the same workdir is refused before it compiles anything.
 - :func:`restore_newest`: tries checkpoints newest first; a step folder that cannot be read
-  (truncated, a missing or corrupt array file) is named in a warning and the one before it is
+  (truncated, a missing or corrupt array file, or any file whose SHA-256 differs from the one
+  recorded when the save finished: bit flips) is named in a warning and the one before it is
   used; :class:`NoIntactCheckpoint` when none can be read. Nothing is deleted.
 - :class:`CheckpointManager`: orbax's, with a failed (async) save raised as :class:`SaveFailed`
   naming the step and the folder.
@@ -17,6 +18,7 @@ import datetime
 import hashlib
 import json
 import os
+import pathlib
 import socket
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -28,8 +30,10 @@ from etils import epath
 
 LOCK = "LOCK"                        # in the workdir: {"host", "pid", "started"} of the writer
 DAMAGED = "damaged_checkpoints"      # in the workdir: step folders a training run set aside
+CHECKSUMS = "checkpoint_checksums"   # in the workdir: <step>.json, SHA-256 of each file of a step
 T = TypeVar("T")
 _unreadable: set[str] = set()        # step folders this process failed to restore
+_verified: set[str] = set()          # step folders whose checksums this process checked
 
 
 class WorkdirError(RuntimeError):
@@ -166,6 +170,7 @@ def restore_newest(directory: str | os.PathLike, restore: Callable[[int], T],
     failures = []
     for step in sorted(steps, reverse=True):
         try:
+            verify_checksums(directory, step)
             value = restore(step)
         except Exception as e:  # tensorstore, JSON and missing-file errors: all mean unreadable
             reason = (str(e).splitlines() or [""])[0].split(" See full TensorStore details")[0]
@@ -185,6 +190,49 @@ def restore_newest(directory: str | os.PathLike, restore: Callable[[int], T],
         "out of it to start that run afresh.")
 
 
+def _manifest(directory: epath.Path, step: int) -> epath.Path:
+    return directory.parent / CHECKSUMS / f"{step}.json"
+
+
+def _digests(step_dir: epath.Path) -> dict[str, str]:
+    """SHA-256 (hex) of every file under ``step_dir``, keyed by its relative path."""
+    step_dir = pathlib.Path(os.fspath(step_dir))   # local folders only (see callers)
+    return {os.path.relpath(f, step_dir): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(step_dir.rglob("*")) if f.is_file()}
+
+
+def record_checksums(directory: str | os.PathLike, steps: list[int]) -> None:
+    """Write ``WORKDIR/checkpoint_checksums/<step>.json`` for each of the finished ``steps``
+    (process 0, local workdirs; object stores keep their own checksums)."""
+    directory = epath.Path(directory)
+    if jax.process_index() > 0 or "://" in os.fspath(directory):
+        return
+    for step in steps:
+        path = _manifest(directory, step)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _replace(path, _digests(directory / str(step)))
+
+
+def verify_checksums(directory: str | os.PathLike, step: int) -> None:
+    """Raise if a file of checkpoint ``step`` is missing or differs from its recorded SHA-256
+    (no record, e.g. a run killed before it was written: nothing to check).
+
+    Raises:
+      WorkdirError: naming the step folder and the first file that differs or is missing.
+    """
+    directory = epath.Path(directory)
+    path = _manifest(directory, step)
+    if ("://" in os.fspath(directory) or not path.exists()
+            or os.fspath(directory / str(step)) in _verified):
+        return
+    recorded, found = json.loads(path.read_text()), _digests(directory / str(step))
+    for name, digest in recorded.items():
+        if found.get(name) != digest:
+            what = "is missing" if name not in found else "differs from its SHA-256 at save"
+            raise WorkdirError(f"{directory / str(step) / name} {what}")
+    _verified.add(os.fspath(directory / str(step)))
+
+
 def set_aside(directory: str | os.PathLike, steps: list[int]) -> None:
     """Move damaged step folders of ``directory`` to ``WORKDIR/damaged_checkpoints/`` (process 0;
     every process waits for it), so that training can save those steps again."""
@@ -196,6 +244,8 @@ def set_aside(directory: str | os.PathLike, steps: list[int]) -> None:
             while target.exists():
                 target = target.with_name(target.name + "_")
             (directory / str(step)).rename(target)
+            if _manifest(directory, step).exists():   # a new save of this step gets a new one
+                _manifest(directory, step).rename(target.with_name(target.name + ".sha256.json"))
             _unreadable.discard(os.fspath(directory / str(step)))  # the step may be saved anew
             logging.warning("Moved the damaged checkpoint %s to %s (kept for inspection).",
                             directory / str(step), target)
@@ -205,7 +255,9 @@ def set_aside(directory: str | os.PathLike, steps: list[int]) -> None:
 
 
 class CheckpointManager(ocp.CheckpointManager):
-    """orbax's CheckpointManager whose failed saves raise :class:`SaveFailed`.
+    """orbax's CheckpointManager whose failed saves raise :class:`SaveFailed`, and whose
+    finished saves leave the SHA-256 of every file they wrote (:func:`record_checksums`) for
+    :func:`restore_newest` to check.
 
     An async save that fails in the background is reported by the next ``save`` or by
     ``wait_until_finished``; the folder it was writing stays a temporary one, which restores
@@ -221,6 +273,8 @@ class CheckpointManager(ocp.CheckpointManager):
     def save(self, step: int, *args, **kwargs) -> bool:
         self.wait_until_finished()  # orbax waits here anyway; this names a failed previous save
         self._saving = step
+        if jax.process_index() == 0:
+            _manifest(epath.Path(self.directory), step).unlink(missing_ok=True)
         try:
             return super().save(step, *args, **kwargs)
         except Exception as e:
@@ -231,6 +285,9 @@ class CheckpointManager(ocp.CheckpointManager):
             super().wait_until_finished()
         except Exception as e:
             raise self._failed(e) from e
+        if self._saving in checkpoint_steps(self.directory):  # finished (orbax also calls this
+            record_checksums(self.directory, [self._saving])  # before it starts a save)
+            self._saving = None
 
     def _failed(self, e: Exception) -> SaveFailed:
         if isinstance(e, SaveFailed):
