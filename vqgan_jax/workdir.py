@@ -197,7 +197,10 @@ def _manifest(directory: epath.Path, step: int) -> epath.Path:
 def _digests(step_dir: epath.Path) -> dict[str, str]:
     """SHA-256 (hex) of every file under ``step_dir``, keyed by its relative path."""
     step_dir = pathlib.Path(os.fspath(step_dir))   # local folders only (see callers)
-    return {os.path.relpath(f, step_dir): hashlib.sha256(f.read_bytes()).hexdigest()
+    def sha256(f: pathlib.Path) -> str:
+        with open(f, "rb") as stream:   # streamed: array files can be gigabytes
+            return hashlib.file_digest(stream, "sha256").hexdigest()
+    return {os.path.relpath(f, step_dir): sha256(f)
             for f in sorted(step_dir.rglob("*")) if f.is_file()}
 
 

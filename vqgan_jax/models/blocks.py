@@ -74,14 +74,19 @@ class Conv(nn.Module):
     padding: Any = "SAME"
     dtype: Dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def parameters(self, in_features: int) -> tuple[jax.Array, jax.Array]:
+        """``(kernel [k, k, in_features, features], bias [features])``, float32."""
         k = self.kernel_size
         kernel = self.param("kernel", nn.with_logical_partitioning(_torch_conv_init, KERNEL_AXES),
-                            (k, k, x.shape[-1], self.features), jnp.float32)
+                            (k, k, in_features, self.features), jnp.float32)
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
                                                                ("conv_out",)),
                           (self.features,), jnp.float32)
+        return kernel, bias
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel, bias = self.parameters(x.shape[-1])
         y = jax.lax.conv_general_dilated(
             x.astype(self.dtype), kernel.astype(self.dtype), (self.stride, self.stride),
             self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -184,7 +189,7 @@ class Upsample(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return _NearestUpsampleConv(x.shape[-1], self.dtype, name="conv")(x)
+        return _NearestUpsampleConv(x.shape[-1], 3, dtype=self.dtype, name="conv")(x)
 
 
 def _phase_taps(k: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
@@ -193,18 +198,12 @@ def _phase_taps(k: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
     return jnp.stack([t0, t1 + t2], axis), jnp.stack([t0 + t1, t2], axis)
 
 
-class _NearestUpsampleConv(nn.Module):
-    """``conv3x3(repeat2(x))`` as four 2x2 phase convs; parameters as ``nn.Conv``'s."""
-    features: int
-    dtype: Dtype = jnp.float32
+class _NearestUpsampleConv(Conv):
+    """``conv3x3(repeat2(x))`` as four 2x2 phase convs; a 3x3 :class:`Conv`'s parameters."""
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", nn.with_logical_partitioning(_torch_conv_init, KERNEL_AXES),
-                            (3, 3, x.shape[-1], self.features), jnp.float32)
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
-                                                               ("conv_out",)),
-                          (self.features,), jnp.float32)
+        kernel, bias = self.parameters(x.shape[-1])
         pads = ((1, 0), (0, 1))       # phase 0 reads rows i-1, i; phase 1 reads rows i, i+1
         rows = []
         for a, k_a in enumerate(_phase_taps(kernel, 0)):

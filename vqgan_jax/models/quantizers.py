@@ -610,6 +610,15 @@ def knob_names() -> set[str]:
     return {f.name for cls in _CLASSES.values() for f in dataclasses.fields(cls)} - set(_COMMON)
 
 
+def check_fsq_levels(levels: Sequence[int]) -> None:
+    """Raise a ValueError naming ``config.quantizer.fsq_levels`` unless every level is >= 2 and
+    their product (the codebook size) fits int32 indices (< 2**31)."""
+    levels = tuple(levels)
+    if min(levels, default=0) < 2 or math.prod(levels) >= 2 ** 31:
+        raise ValueError(f"config.quantizer.fsq_levels={levels}: every level must be >= 2 and "
+                         "their product (the codebook size) < 2**31, the int32 index range.")
+
+
 def make_quantizer(kind: str, n_embed: int, embed_dim: int, beta: float = 0.25,
                    l2_normalize: bool = False, dtype: Dtype = jnp.float32, name: str | None = None,
                    **knobs: Any) -> nn.Module:
@@ -651,11 +660,8 @@ def make_quantizer(kind: str, n_embed: int, embed_dim: int, beta: float = 0.25,
                          "quantizer; set it to False.")
     module = cls(n_embed=n_embed, embed_dim=embed_dim, beta=beta, l2_normalize=l2_normalize,
                  dtype=dtype, name=name, **knobs)
-    if kind == "fsq" and (min(module.fsq_levels, default=0) < 2
-                          or math.prod(module.fsq_levels) >= 2 ** 31):
-        raise ValueError(f"config.quantizer.fsq_levels={module.fsq_levels}: every level must "
-                         "be >= 2 and their product (the codebook size) < 2**31, the int32 "
-                         "index range.")
+    if kind == "fsq":
+        check_fsq_levels(module.fsq_levels)
     if kind == "fsq" and embed_dim != len(module.fsq_levels):
         raise ValueError(f"config.model.embed_dim={embed_dim} must equal "
                          f"len(config.quantizer.fsq_levels)={len(module.fsq_levels)}.")

@@ -676,8 +676,7 @@ def _validate_quantizer(config: ml_collections.ConfigDict) -> None:
                          f"gumbel_tau_end={q.gumbel_tau_end} must be > 0.")
     if q.kind == "fsq":
         levels = tuple(q.fsq_levels)
-        if min(levels, default=0) < 2:
-            raise ValueError(f"config.quantizer.fsq_levels={levels}: every level must be >= 2.")
+        quantizers.check_fsq_levels(levels)
         if m.embed_dim != len(levels):
             raise ValueError(f"config.model.embed_dim={m.embed_dim} must equal "
                              f"len(config.quantizer.fsq_levels)={len(levels)}.")
