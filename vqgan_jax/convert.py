@@ -22,8 +22,6 @@ with ``torch.load(weights_only=True)``; ``--trust_pickle`` unpickles one file yo
 work is done by :mod:`vqgan_jax.interop.taming`.
 """
 
-import sys
-
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -69,10 +67,8 @@ def main(argv):
         if not _WORKDIR.value:
             raise app.UsageError("--to_taming needs --workdir=DIR (a stage-1 workdir).")
         from vqgan_jax import workdir
-        try:
+        with workdir.exit_on_error():  # no intact checkpoint: the message, no stack trace
             state_dict = taming.convert_to_taming(_WORKDIR.value, _TO.value, _LOSS.value)
-        except workdir.WorkdirError as e:  # no intact checkpoint: the message, no stack trace
-            sys.exit(f"Error: {e}")
         print(f"Wrote {_TO.value} ({len(state_dict)} tensors)")
 
 

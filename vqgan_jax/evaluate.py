@@ -12,8 +12,6 @@ The newest intact checkpoint is evaluated; a workdir with none ends with that me
 dataset split for reuse as ``--ref_stats``. See :mod:`vqgan_jax.evaluation`.
 """
 
-import sys
-
 from absl import app, flags, logging
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a `python -m vqgan_jax.main` run.")
@@ -51,10 +49,8 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.ini
 
 def main(argv):
     from vqgan_jax import workdir
-    try:
+    with workdir.exit_on_error():
         _main(argv)
-    except workdir.WorkdirError as e:
-        sys.exit(f"Error: {e}")
 
 
 def _main(argv):

@@ -51,12 +51,9 @@ def main(argv):
     if not _DISTRIBUTED.value:  # (jax.distributed handles SIGTERM itself)
         # SIGTERM outside the training loop (which saves first) exits through the lock's release.
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    try:
-        with workdir.locked(_WORKDIR.value, force=_FORCE_UNLOCK.value):
-            trainer = importlib.import_module(f"vqgan_jax.trainers.{config.stage}")
-            trainer.train_and_evaluate(config, _WORKDIR.value)
-    except workdir.WorkdirError as e:
-        sys.exit(f"Error: {e}")
+    with workdir.exit_on_error(), workdir.locked(_WORKDIR.value, force=_FORCE_UNLOCK.value):
+        trainer = importlib.import_module(f"vqgan_jax.trainers.{config.stage}")
+        trainer.train_and_evaluate(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,6 @@ The work is done by :func:`vqgan_jax.trainers.transformer.sample_to_png`, from t
 checkpoints of the workdir and its tokenizer.
 """
 
-import sys
-
 from absl import app, flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A stage-2 (transformer) workdir.")
@@ -37,13 +35,11 @@ def main(argv):
         class_ids = [int(c) for c in _CLASS_IDS.value]
     except ValueError as e:
         raise app.UsageError(f"--class_ids={','.join(_CLASS_IDS.value)}: {e}") from e
-    try:
+    with workdir.exit_on_error():  # no intact checkpoint: the message, not a stack trace
         transformer.sample_to_png(
             _WORKDIR.value, _OUT.value, class_ids=class_ids, num=_NUM.value, top_k=_TOP_K.value,
             top_p=_TOP_P.value, temperature=_TEMPERATURE.value, guidance_scale=_GUIDANCE.value,
             height=_HEIGHT.value, width=_WIDTH.value, seed=_SEED.value)
-    except workdir.WorkdirError as e:  # no intact checkpoint: the message, not a stack trace
-        sys.exit(f"Error: {e}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import json
 import os
 import pathlib
 import socket
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -50,6 +51,16 @@ class NoIntactCheckpoint(WorkdirError):
 
 class SaveFailed(WorkdirError):
     """Writing a checkpoint failed (full disk, file size limit, permissions...)."""
+
+
+@contextlib.contextmanager
+def exit_on_error() -> Iterator[None]:
+    """For the command lines: a :class:`WorkdirError` ends the process with ``Error: <message>``
+    on stderr and exit status 1, not a stack trace."""
+    try:
+        yield
+    except WorkdirError as e:
+        sys.exit(f"Error: {e}")
 
 
 # ----------------------------------------------------------------------------- one writer
