@@ -113,8 +113,11 @@ def tokenizer_config() -> ml_collections.ConfigDict:
         ema_decay=0.0,
     ))
 
-    # Adam for both generator and discriminator; lr = base_learning_rate * batch_size.
-    c.optimizer = ml_collections.ConfigDict(dict(base_learning_rate=4.5e-6, b1=0.5, b2=0.9))
+    # Adam for both generator and discriminator; lr = base_learning_rate * batch_size, constant
+    # (taming) or "cosine": linear warmup, then a half cosine to final_lr_fraction * lr at the end.
+    c.optimizer = ml_collections.ConfigDict(dict(
+        base_learning_rate=4.5e-6, b1=0.5, b2=0.9, lr_schedule="constant", warmup_steps=0,
+        final_lr_fraction=0.0))
 
     # Device mesh: data x fsdp x tensor = number of devices; one of them may be -1 (the rest).
     # The batch is split over data and fsdp; parameters and optimizer states over fsdp.
