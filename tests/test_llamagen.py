@@ -63,27 +63,36 @@ def convert(sd, config=None):
                                               config or tiny_config())
 
 
-def test_vq16_parameter_count_and_every_key_at_full_size():
-    """configs/llamagen_vq16.py's parameters (built abstractly, no memory) count exactly as
-    LlamaGen's VQ_16 (built on the meta device), and every one of their state-dict keys is one
-    of ours with its shape."""
-    config = load_config("llamagen_vq16")
+@pytest.mark.parametrize("name, ch_mult, total", [("VQ-16", (1, 1, 2, 2, 4), VQ16_PARAMS),
+                                                   ("VQ-8", (1, 2, 2, 4), 70_109_835)])
+def test_full_size_parameter_counts_and_every_key(name, ch_mult, total):
+    """LlamaGen's VQ_16 / VQ_8 built on the meta device (no memory): the layout read off their
+    state-dict shapes is configs/llamagen_vq16.py's for VQ-16; our model of it (built
+    abstractly) has exactly their parameter count, and every one of their keys is one of ours
+    with its shape."""
+    with torch.device("meta"):
+        theirs = ref.VQModel(ch_mult=ch_mult)
+    n_theirs = sum(p.numel() for p in theirs.parameters())
+    shapes = {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+    config = llamagen.config_from_state_dict(  # zero-stride views: only shapes are read
+        {k: np.broadcast_to(np.float32(0), s) for k, s in shapes.items()}, name)
+    if name == "VQ-16":
+        assert config.to_dict() == load_config("llamagen_vq16").to_dict()
     vq, _ = stage1.build_models(config)
     ours = jax.eval_shape(lambda: nn.meta.unbox(vq.init(
         jax.random.key(0), jnp.zeros((1, 256, 256, 3)))["params"]))
-    with torch.device("meta"):
-        theirs = ref.VQModel()
-    n_theirs = sum(p.numel() for p in theirs.parameters())
-    assert sum(x.size for x in jax.tree.leaves(ours)) == n_theirs == VQ16_PARAMS
-    shapes = {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+    assert sum(x.size for x in jax.tree.leaves(ours)) == n_theirs == total
     assert shapes.pop(llamagen.CODEBOOK_USED) == (llamagen.CODEBOOK_USED_SIZE,)  # a buffer
-    maps = llamagen.tensor_maps(ours, len(config.model.ch_mult))
+    maps = llamagen.tensor_maps(ours, len(ch_mult))
     assert {m.key: m.torch_shape for m in maps} == shapes
     assert shapes["quantize.embedding.weight"] == (16384, 8)
-    # Where the layouts differ from taming's: decoder level order, attention only at 16x16.
-    assert {m.path[1:3]: m.key for m in maps}[("decoder", "up_4_attn_2")].startswith(
+    # Where the layouts differ from taming's: the decoder's level order; attention only at
+    # the lowest resolution (16x16 or 32x32 for 256x256 images).
+    n = len(ch_mult)
+    assert {m.path[1:3]: m.key for m in maps}[("decoder", f"up_{n - 1}_attn_2")].startswith(
         "decoder.conv_blocks.0.attn.2.")
-    assert not any(".attn." in k for k in shapes if ".conv_blocks.3." in k)
+    assert {k.split(".attn.")[0] for k in shapes if ".conv_blocks." in k and ".attn." in k} == {
+        f"encoder.conv_blocks.{n - 1}", "decoder.conv_blocks.0"}
 
 
 def test_round_trip_is_bit_exact_and_loads_strictly(llamagen_vq):
@@ -148,6 +157,10 @@ def test_bad_keys_and_configs_are_named(llamagen_vq):
     for fix in (r"--config.model.l2_normalize_codes=False", "--config.model.norm_groups=8",
                 "--config.model.attn_resolutions=(32, 16)", "set (16,)"):
         assert fix in str(e.value)
+    # The export refuses a model LlamaGen's code would compute differently (the demo's).
+    with pytest.raises(taming.ConversionError, match=r"config\.model\.norm_groups=8 .* "
+                       r"config\.model\.attn_resolutions=\(\) .*set \(16,\)"):
+        llamagen.llamagen_state_dict(load_config("demo"), {})
 
 
 def test_files_in_memory_with_the_layout_read_off_the_file(llamagen_vq, tmp_path):

@@ -288,6 +288,9 @@ def convert_to_llamagen(workdir: str, path: str) -> dict[str, np.ndarray]:
     from vqgan_jax.trainers import loop
 
     config = loop.read_config(loop.absolute(workdir), "--workdir")
+    if config.get("stage") != "tokenizer":
+        raise ConversionError(f"--workdir={workdir!r} holds a {config.get('stage')!r} run; "
+                              "--to_llamagen exports a stage-1 (tokenizer) workdir.")
     check_config(config, field="config", source=f"--workdir={workdir!r}: its config")
     saved = taming.read_tokenizer_workdir(workdir)
     state_dict = llamagen_state_dict(config, saved["g_params"])
