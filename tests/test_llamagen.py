@@ -100,8 +100,9 @@ def test_round_trip_is_bit_exact_and_loads_strictly(llamagen_vq):
     config = tiny_config()
     g_params = convert(sd, config)
     np.testing.assert_array_equal(g_params["quantize"]["codebook"], sd["quantize.embedding.weight"])
-    np.testing.assert_array_equal(g_params["decoder"]["up_0_block_2"]["conv1"]["kernel"],
-                                  sd["decoder.conv_blocks.1.res.2.conv1.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(  # our top level up_0 is their last decoder level, OIHW
+        g_params["decoder"]["up_0_block_2"]["conv1"]["kernel"],
+        sd["decoder.conv_blocks.1.res.2.conv1.weight"].transpose(2, 3, 1, 0))
     np.testing.assert_array_equal(g_params["encoder"]["mid"]["attn_1"]["norm"]["scale"],
                                   sd["encoder.mid.1.norm.weight"])
     back = llamagen.llamagen_state_dict(config, g_params)
