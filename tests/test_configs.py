@@ -83,6 +83,10 @@ def test_cosine_schedule_warms_up_then_decays_to_its_final_fraction():
     expected = {0: 0.0, 5: peak / 2, 10: peak, 60: peak * 0.55, 110: peak * 0.1, 200: peak * 0.1}
     for step, lr in expected.items():
         np.testing.assert_allclose(float(schedule(step)), lr, rtol=1e-6, atol=1e-12 * peak)
+    config.num_train_steps = 4   # a trial run: the warmup is cut to half of it
+    schedule = T.learning_rate_schedule(config)
+    for step, lr in {0: 0.0, 1: peak / 2, 2: peak, 3: peak * 0.55, 4: peak * 0.1}.items():
+        np.testing.assert_allclose(float(schedule(step)), lr, rtol=1e-6, atol=1e-12 * peak)
 
 
 def test_training_code_imports_and_logs_without_tensorflow(tmp_path):
