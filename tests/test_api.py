@@ -104,10 +104,10 @@ def test_load_errors_name_the_path_and_the_fix(tokenizer_workdir, gpt_run, tmp_p
     with pytest.raises(ValueError, match=r"config= is for checkpoint files"):
         vqgan_jax.load_tokenizer(tokenizer_workdir, config=config)
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(ValueError, match=r"is a \.txt file; pass .*\(\.ckpt\) with config="):
+    with pytest.raises(ValueError, match=r"is a \.txt file; pass .*\(\.ckpt, \.pt\)"):
         vqgan_jax.load_tokenizer(tmp_path / "notes.txt")
     (tmp_path / "model.ckpt").write_bytes(b"")
-    with pytest.raises(ValueError, match=r"checkpoint file: pass config="):
+    with pytest.raises(ValueError, match=r"taming checkpoint: pass config="):
         vqgan_jax.load_tokenizer(tmp_path / "model.ckpt")
 
 

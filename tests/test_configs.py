@@ -59,6 +59,8 @@ def test_config_trains_one_step_at_tiny_size(name):
     ("batch_size", 6, "not divisible by the 4 devices"),
     ("loss.disc_loss", "wasserstein", "config.loss.disc_loss"),
     ("dtype", "float16", "config.dtype"),
+    ("optimizer.lr_schedule", "linear", "config.optimizer.lr_schedule"),
+    ("optimizer.final_lr_fraction", 2.0, "final_lr_fraction"),
 ])
 def test_bad_config_fails_naming_the_field(field, value, message):
     config = load_config("imagenet_f16")
@@ -69,6 +71,18 @@ def test_bad_config_fails_naming_the_field(field, value, message):
     node[leaf] = value
     with pytest.raises(ValueError, match=message):
         T.validate_config(config, num_devices=4)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_its_final_fraction():
+    config = load_config("imagenet_f16")
+    assert T.learning_rate_schedule(config) == T.learning_rate(config)  # taming: constant
+    config.optimizer.update(lr_schedule="cosine", warmup_steps=10, final_lr_fraction=0.1)
+    config.num_train_steps = 110
+    schedule, peak = T.learning_rate_schedule(config), T.learning_rate(config)
+    # Linear warmup from 0; then peak * (f + (1 - f) * (1 + cos(pi * t / 100)) / 2).
+    expected = {0: 0.0, 5: peak / 2, 10: peak, 60: peak * 0.55, 110: peak * 0.1, 200: peak * 0.1}
+    for step, lr in expected.items():
+        np.testing.assert_allclose(float(schedule(step)), lr, rtol=1e-6, atol=1e-12 * peak)
 
 
 def test_training_code_imports_and_logs_without_tensorflow(tmp_path):

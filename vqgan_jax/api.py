@@ -29,16 +29,24 @@ from etils import epath
 
 from vqgan_jax import metrics, parallel
 from vqgan_jax.data import pipeline
-from vqgan_jax.interop import taming
+from vqgan_jax.interop import llamagen, taming
 from vqgan_jax.trainers import loop
 from vqgan_jax.trainers import tokenizer as stage1
 from vqgan_jax.trainers import transformer as stage2
 
 __all__ = ["Generator", "Tokenizer", "load_generator", "load_tokenizer", "pad_batch"]
 
-# Checkpoint files load_tokenizer reads, by suffix: (path, config) -> tokenizer g_params.
-TOKENIZER_FILES: dict[str, Callable[[str, ml_collections.ConfigDict], Any]] = {
-    ".ckpt": taming.read_taming_tokenizer,   # taming-transformers VQModel (Lightning .ckpt)
+def _taming_file(path: str, config: ml_collections.ConfigDict | None):
+    if config is None:
+        raise ValueError(f"path={path!r} is a taming checkpoint: pass config=, the recipe of its "
+                         "model (e.g. get_config() of configs/imagenet_f16.py).")
+    return config, taming.read_taming_tokenizer(path, config)
+
+
+# Checkpoint files load_tokenizer reads, by suffix: (path, config or None) -> (config, g_params).
+TOKENIZER_FILES: dict[str, Callable[[str, ml_collections.ConfigDict | None], Any]] = {
+    ".ckpt": _taming_file,                      # taming-transformers VQModel (Lightning .ckpt)
+    ".pt": llamagen.tokenizer_from_llamagen,    # LlamaGen VQModel; config read off the file
 }
 
 
@@ -288,11 +296,12 @@ def load_tokenizer(path: str | os.PathLike, step: int | None = None,
 
     Args:
       path: a stage-1 workdir (the ``--workdir`` of a ``python -m vqgan_jax.main`` run with a
-        tokenizer recipe), or a checkpoint file: a taming-transformers VQModel ``.ckpt``
-        (converted in memory; needs torch: ``pip install 'vqgan_jax[torch]'``).
+        tokenizer recipe), or a checkpoint file converted in memory (needs torch:
+        ``pip install 'vqgan_jax[torch]'``): a taming-transformers VQModel ``.ckpt`` (with
+        ``config``) or a LlamaGen VQModel ``.pt`` such as ``vq_ds16_c2i.pt`` (layout read off it).
       step: a workdir's checkpoint step; None: the newest intact one.
       config: with a file only: the recipe describing its model (an ml_collections ConfigDict,
-        e.g. ``get_config()`` of configs/imagenet_f16.py).
+        e.g. ``get_config()`` of configs/imagenet_f16.py); required for a ``.ckpt``.
 
     Returns:
       A :class:`Tokenizer`: the generator EMA weights when the run kept them, else its weights.
@@ -305,18 +314,15 @@ def load_tokenizer(path: str | os.PathLike, step: int | None = None,
     """
     path = os.fspath(path)
     wants = ("a stage-1 workdir (e.g. runs/demo after `make demo`) or a checkpoint file "
-             f"({', '.join(sorted(TOKENIZER_FILES))}) with config=")
+             f"({', '.join(sorted(TOKENIZER_FILES))})")
     _check_path(path, wants)
     if os.path.isfile(path):
         suffix = pathlib.Path(path).suffix
         if suffix not in TOKENIZER_FILES:
             raise ValueError(f"path={path!r} is a {suffix or 'suffix-less'} file; pass {wants}.")
-        if config is None:
-            raise ValueError(f"path={path!r} is a checkpoint file: pass config=, the recipe of "
-                             "its model (e.g. get_config() of configs/imagenet_f16.py).")
         if step is not None:
             raise ValueError(f"step={step} applies to workdirs; {path!r} is a file.")
-        return Tokenizer(config, TOKENIZER_FILES[suffix](path, config))
+        return Tokenizer(*TOKENIZER_FILES[suffix](path, config))
     if config is not None:
         raise ValueError(f"config= is for checkpoint files; the workdir {path!r} holds its own "
                          "config: leave config out.")

@@ -113,8 +113,11 @@ def tokenizer_config() -> ml_collections.ConfigDict:
         ema_decay=0.0,
     ))
 
-    # Adam for both generator and discriminator; lr = base_learning_rate * batch_size.
-    c.optimizer = ml_collections.ConfigDict(dict(base_learning_rate=4.5e-6, b1=0.5, b2=0.9))
+    # Adam for both generator and discriminator; lr = base_learning_rate * batch_size, constant
+    # (taming) or "cosine": linear warmup, then a half cosine to final_lr_fraction * lr at the end.
+    c.optimizer = ml_collections.ConfigDict(dict(
+        base_learning_rate=4.5e-6, b1=0.5, b2=0.9, lr_schedule="constant", warmup_steps=0,
+        final_lr_fraction=0.0))
 
     # Device mesh: data x fsdp x tensor = number of devices; one of them may be -1 (the rest).
     # The batch is split over data and fsdp; parameters and optimizer states over fsdp.
@@ -133,6 +136,36 @@ def tokenizer_config() -> ml_collections.ConfigDict:
     # Steps whose loss or gradients are NaN/Inf are skipped (no update); this many in a row
     # stop the run with an error, leaving the last good checkpoint as it was.
     c.max_consecutive_nonfinite = 20
+    return c
+
+
+def llamagen_vq16_config() -> ml_collections.ConfigDict:
+    """LlamaGen's VQ-16 tokenizer (Sun et al. 2024, "Autoregressive Model Beats Diffusion";
+    FoundationVision/LlamaGen ``tokenizer/tokenizer_image/vq_model.py``, ``VQ_16``), 256x256.
+
+    The model is taming's conv VQGAN f16 (ch 128, ch_mult (1, 1, 2, 2, 4), 2 ResnetBlocks a
+    level, z_channels 256, GroupNorm(32, eps 1e-6), dropout 0) with 16384 l2-normalized codes of
+    8 dimensions. LlamaGen puts attention at the lowest-resolution level (and in the middle),
+    whatever the image size: here ``attn_resolutions=(image_size // 16,)``; a recipe that
+    changes image_size must change it too (:mod:`vqgan_jax.interop.llamagen` checks).
+    ``python -m vqgan_jax.convert --from_llamagen=vq_ds16_c2i.pt`` reads their weights into it.
+
+    The training fields follow their ``vq_train.py`` defaults where we have the same knob: batch
+    128 at lr 1e-4, Adam (0.9, 0.95), l2 reconstruction + LPIPS, PatchGAN from step 20,000 at a
+    fixed weight 0.5 (no adaptive weight), 40 ImageNet epochs. Not reproduced: their gradient
+    clipping at norm 1 and bf16 autocast.
+    """
+    c = tokenizer_config()
+    c.image_size = 256
+    c.model.update(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
+                   z_channels=256, embed_dim=8, n_embed=16384, beta=0.25,
+                   l2_normalize_codes=True, dropout=0.0, norm_groups=32)
+    c.min_crop_scale = 0.8              # their random_crop_arr: crop side / short side in [0.8, 1]
+    c.batch_size = 128
+    c.num_train_steps = 400_000         # 40 epochs of ImageNet's 1.28M images at batch 128
+    c.optimizer.update(base_learning_rate=1e-4 / 128, b1=0.9, b2=0.95)
+    c.loss.update(l1_weight=0.0, l2_weight=1.0, perceptual_weight=1.0, codebook_weight=1.0,
+                  disc_weight=0.5, disc_start=20_000, adaptive_disc_weight=False)
     return c
 
 

@@ -47,7 +47,7 @@ import dataclasses
 import functools
 import pickle
 import re
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -84,20 +84,25 @@ def import_torch():
     return torch
 
 
-def load_state_dict(path: str, trust_pickle: bool = False) -> tuple[dict[str, np.ndarray], int | None]:
+def load_state_dict(path: str, trust_pickle: bool = False, entry: str = "state_dict",
+                    step_entry: str = "global_step", project: str = "taming"
+                    ) -> tuple[dict[str, np.ndarray], int | None]:
     """Read a taming Lightning ``.ckpt`` (or a ``.pt`` state dict) as numpy arrays.
 
     Loaded with ``torch.load(weights_only=True)``, which refuses to run code from the file.
 
     Args:
-      path: a file holding ``{"state_dict": {key: tensor}, ...}`` or ``{key: tensor}``.
+      path: a file holding ``{entry: {key: tensor}, ...}`` or ``{key: tensor}``.
       trust_pickle: unpickle everything in the file (runs any code it carries). Only for a file
         whose origin you trust that holds Python objects besides tensors (old Lightning files
         keep hyper-parameters as objects).
+      entry, step_entry: where the state dict and the step sit in the file (taming/Lightning:
+        ``state_dict``, ``global_step``; LlamaGen: ``model``, ``steps``).
+      project: whose checkpoint this should be, for the error messages.
 
     Returns:
-      ``(state_dict, global_step)``: float tensors as float32 arrays (integer buffers keep their
-      dtype), and the file's ``global_step`` (None if absent).
+      ``(state_dict, step)``: float tensors as float32 arrays (integer buffers keep their
+      dtype), and the file's ``step_entry`` (None if absent).
 
     Raises:
       ConversionError: naming ``--trust_pickle`` when the file holds objects that
@@ -114,28 +119,30 @@ def load_state_dict(path: str, trust_pickle: bool = False) -> tuple[dict[str, np
             "--trust_pickle (trust_pickle=True) to load this one file.") from e
     if not isinstance(checkpoint, dict):
         raise ConversionError(f"{path} holds a {type(checkpoint).__name__}, not a state dict.")
-    state_dict = checkpoint.get("state_dict", checkpoint)
+    state_dict = checkpoint.get(entry, checkpoint)
     out = {}
     for key, value in state_dict.items():
         if not isinstance(value, torch.Tensor):
-            raise ConversionError(f"{path}: state_dict[{key!r}] is a {type(value).__name__}, not "
-                                  "a tensor; is this a taming checkpoint?")
+            raise ConversionError(f"{path}: {entry}[{key!r}] is a {type(value).__name__}, not "
+                                  f"a tensor; is this a {project} checkpoint?")
         value = value.detach().cpu()
         out[key] = (value.float() if value.is_floating_point() else value).numpy()
-    step = checkpoint.get("global_step") if "state_dict" in checkpoint else None
+    step = checkpoint.get(step_entry) if entry in checkpoint else None
     return out, (int(step) if step is not None else None)
 
 
-def save_state_dict(path: str, state_dict: dict[str, np.ndarray]) -> None:
-    """Write ``{"state_dict": {key: torch.Tensor}}`` with ``torch.save`` (what taming's
-    ``VQModel.init_from_ckpt`` and ``load_state_dict(torch.load(path)["state_dict"])`` read)."""
+def save_state_dict(path: str, state_dict: dict[str, np.ndarray], entry: str = "state_dict"
+                    ) -> None:
+    """Write ``{entry: {key: torch.Tensor}}`` with ``torch.save`` (``state_dict``: what taming's
+    ``VQModel.init_from_ckpt`` and ``load_state_dict(torch.load(path)["state_dict"])`` read;
+    LlamaGen reads ``model``)."""
     torch = import_torch()
     # A writable C-contiguous copy where needed: arrays fetched from JAX are read-only, and
     # torch.from_numpy warns about (and would share) a non-writable buffer.
     tensors = {k: torch.from_numpy(np.require(v, requirements=("C", "W")))
                for k, v in state_dict.items()}
     epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": tensors}, path)
+    torch.save({entry: tensors}, path)
 
 
 # ----------------------------------------------------------------------------- key bookkeeping
@@ -231,14 +238,22 @@ class TensorMap:
         return np.ascontiguousarray(k.transpose(3, 2, 0, 1)) if self.conv else np.asarray(k)
 
 
-def _tensor_maps(tree: Any, root: str, prefix: str) -> list[TensorMap]:
+def _taming_module_path(names: tuple[str, ...]) -> str:
+    return ".".join(_module_key(n) for n in names)
+
+
+def _tensor_maps(tree: Any, root: str, prefix: str,
+                 module_path: Callable[[tuple[str, ...]], str] = _taming_module_path
+                 ) -> list[TensorMap]:
+    """A TensorMap per leaf of ``tree``; ``module_path`` turns our module names (the leaf's path
+    without its last name) into the other project's dotted module path."""
     maps = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         names = tuple(p.key for p in path)
         if names == ("quantize", "codebook"):
             key = "quantize.embedding.weight"
         else:
-            key = ".".join([_module_key(n) for n in names[:-1]] + [_LEAF_KEYS[names[-1]]])
+            key = module_path(names[:-1]) + "." + _LEAF_KEYS[names[-1]]
         maps.append(TensorMap(prefix + key, (root, *names), tuple(leaf.shape),
                               conv=names[-1] == "kernel" and len(leaf.shape) == 4))
     return maps

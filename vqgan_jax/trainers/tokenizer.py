@@ -126,9 +126,21 @@ def learning_rate(config: ml_collections.ConfigDict) -> float:
     return config.optimizer.base_learning_rate * config.batch_size
 
 
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.ScalarOrSchedule:
+    """The peak :func:`learning_rate`, constant (taming) or, with ``optimizer.lr_schedule =
+    "cosine"``, reached by a linear warmup over ``optimizer.warmup_steps`` and then decayed along a
+    half cosine to ``optimizer.final_lr_fraction`` of itself at ``num_train_steps`` (SGDR,
+    Loshchilov & Hutter 2017, eq. 5 without restarts). Old configs without the field: constant."""
+    o, peak = config.optimizer, learning_rate(config)
+    if o.get("lr_schedule", "constant") == "constant":
+        return peak
+    return optax.warmup_cosine_decay_schedule(
+        0.0, peak, o.warmup_steps, config.num_train_steps, peak * o.final_lr_fraction)
+
+
 def build_step_config(config: ml_collections.ConfigDict) -> StepConfig:
     vq, disc = build_models(config)
-    adam = functools.partial(optax.adam, learning_rate(config), b1=config.optimizer.b1,
+    adam = functools.partial(optax.adam, learning_rate_schedule(config), b1=config.optimizer.b1,
                              b2=config.optimizer.b2)
     return StepConfig(vq=vq, disc=disc, g_tx=adam(), d_tx=adam(), seed=config.seed,
                       **config.loss.to_dict())
@@ -619,6 +631,14 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         raise ValueError(f"config.disc.kind={disc_kind!r}; use one of {sorted(DISCS)}.")
     if config.dtype not in DTYPES:
         raise ValueError(f"config.dtype={config.dtype!r}; use one of {sorted(DTYPES)}.")
+    o = config.optimizer
+    if o.get("lr_schedule", "constant") not in ("constant", "cosine"):
+        raise ValueError(f"config.optimizer.lr_schedule={o.lr_schedule!r}; use 'constant' or "
+                         "'cosine'.")
+    warmup, final = o.get("warmup_steps", 0), o.get("final_lr_fraction", 0.0)
+    if not (0 <= warmup < config.num_train_steps and 0 <= final <= 1):
+        raise ValueError(f"config.optimizer.warmup_steps={warmup} must be in [0, num_train_steps="
+                         f"{config.num_train_steps}) and final_lr_fraction={final} in [0, 1].")
     if arch == "vqgan":
         f = 2 ** (len(m.ch_mult) - 1)
         if config.image_size % f:
