@@ -10,6 +10,7 @@ import tempfile
 import jax
 import ml_collections
 import numpy as np
+import pytest
 
 from vqgan_jax import xla_cpu  # its import appends the package's own CPU flag to XLA_FLAGS
 
@@ -83,3 +84,76 @@ def random_inception_state_dict(seed: int = 0) -> dict[str, np.ndarray]:
         else:
             out[key] = 0.1 * rng.standard_normal(a.shape)
     return {k: v.astype(np.float32) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- stage 2
+
+TINY_GPT = dict(block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_workdir(tmp_path_factory):
+    """A stage-1 workdir holding a tiny f2 tokenizer (16 codes; 4x4 codes an 8x8 image), and a
+    folder of small images in two classes next to it.
+
+    The checkpoint has the trainer's items (``state``, ``config``) and keys; of the state only
+    ``step`` and ``g_params`` are written, the part stage 2 reads. The parameters are random
+    normal values of the right shapes: compiling the tokenizer's init (or a training step)
+    costs tens of seconds of CPU, and tests/test_main.py trains the tokenizer end to end.
+    """
+    import flax.linen as nn
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+    from PIL import Image
+    from vqgan_jax.trainers import loop
+    from vqgan_jax.trainers import tokenizer as stage1
+
+    root = tmp_path_factory.mktemp("stage1")
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (root / "images" / label).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(
+                root / "images" / label / f"{i}.png")
+    config = load_config("demo")
+    config.update(dataset=f"folder:{root / 'images'}", image_size=8)
+    config.model.update(ch=8, ch_mult=(1, 2), attn_resolutions=(), z_channels=8,
+                        embed_dim=4, n_embed=16, norm_groups=8)
+    stage1.validate_config(config, num_devices=1)
+    vq = stage1.build_models(config)[0]
+    abstract = jax.eval_shape(lambda: nn.meta.unbox(vq.init(jax.random.key(0),
+                                                            jnp.zeros((1, 8, 8, 3)))["params"]))
+    g_params = jax.tree.map(lambda a: rng.normal(0, 0.3, a.shape).astype(np.float32), abstract)
+    state = dict(step=jnp.ones((), jnp.int32), g_params=g_params)
+    manager = loop.checkpoint_manager(str(root / "run"), max_to_keep=1,
+                                      item_names=("state", "data", "config"))
+    manager.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                            config=ocp.args.JsonSave(config.to_dict())))
+    manager.wait_until_finished()
+    manager.close()
+    return str(root / "run")
+
+
+def tiny(config: ml_collections.ConfigDict, tokenizer_workdir: str) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.update(tokenizer_workdir=tokenizer_workdir, image_size=8, batch_size=8,
+                  dataset=f"folder:{os.path.dirname(tokenizer_workdir)}/images", num_classes=2,
+                  dtype="float32")
+    config.model.update(TINY_GPT)
+    config.sample.update(num_per_row=2, max_rows=2, top_k=4, top_p=0.9)
+    return config
+
+
+@pytest.fixture(scope="session")
+def gpt_run(tokenizer_workdir, tmp_path_factory):
+    """A tiny class-conditional GPT trained 2 steps by the trainer (in-process: 8 devices,
+    batch 8): ``(config, workdir, final metrics)``. Shared, so read-only: the resume test
+    (tests/test_transformer.py) continues a copy; the FID and API tests sample from it."""
+    from vqgan_jax.trainers import transformer as T
+
+    config = tiny(load_config("demo_transformer"), tokenizer_workdir)
+    config.update(num_train_steps=2, log_every_steps=1, checkpoint_every_steps=1, pkeep=0.9,
+                  class_drop_prob=0.5)
+    workdir = tmp_path_factory.mktemp("gpt_run") / "gpt"
+    metrics = T.train_and_evaluate(config, str(workdir))
+    return config, workdir, metrics

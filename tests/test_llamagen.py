@@ -17,6 +17,7 @@ import llamagen_reference as ref  # noqa: E402
 import taming_reference  # noqa: E402
 from conftest import load_config  # noqa: E402
 from test_convert import rel_err, run_convert  # noqa: E402
+from vqgan_jax.data import pipeline  # noqa: E402
 from vqgan_jax.interop import llamagen, taming  # noqa: E402
 from vqgan_jax.models.vqgan import VQModel  # noqa: E402
 from vqgan_jax.trainers import tokenizer as stage1  # noqa: E402
@@ -179,6 +180,14 @@ def test_files_in_memory_with_the_layout_read_off_the_file(llamagen_vq, tmp_path
     jax.tree.map(np.testing.assert_array_equal, g_params, expected)
     _, g32 = llamagen.tokenizer_from_llamagen(str(path), tiny_config())
     jax.tree.map(np.testing.assert_array_equal, g32, expected)
+    # The public API reads the same file (by its suffix) and encodes with those weights.
+    import vqgan_jax
+    tok = vqgan_jax.load_tokenizer(path, config=tiny_config())
+    images = np.random.default_rng(3).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    vq, _ = stage1.build_models(tiny_config())
+    codes = vq.apply({"params": expected}, pipeline.to_unit_range(images),
+                     method=VQModel.encode_to_indices)
+    np.testing.assert_array_equal(tok.encode(images), codes)
 
     trained = tmp_path / "0400000.pt"
     torch.save({"model": {k: torch.from_numpy(v) for k, v in sd.items()}, "steps": 5,

@@ -67,3 +67,32 @@ def test_missing_imagenet_fails_fast_with_instructions(tmp_path):
     assert result.returncode != 0
     assert "downloads/manual" in result.stderr and "folder:" in result.stderr
     assert time.monotonic() - start < 60
+
+
+def test_console_hides_other_libraries_info_and_draws_a_bar_on_a_terminal():
+    """console.quiet_logs's filter keeps vqgan_jax's INFO and every warning, drops orbax's INFO;
+    Progress draws one tqdm bar (step, loss, img/s) on a terminal and logs nothing."""
+    import io
+    import logging
+    from vqgan_jax import console
+
+    def record(path, level):
+        return logging.LogRecord("absl", level, path, 1, "message", (), None)
+
+    keep = console._OwnInfoOnly().filter
+    assert keep(record(console.__file__, logging.INFO))
+    assert not keep(record("/site-packages/orbax/checkpoint/handler.py", logging.INFO))
+    assert keep(record("/site-packages/orbax/checkpoint/handler.py", logging.WARNING))
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    out = Terminal()
+    progress = console.Progress(0, 4, stream=out)
+    for step in (1, 2):
+        progress.step()
+    progress.log(2, {"loss": 0.125, "img_per_s": 10.0})
+    progress.step()
+    progress.close()
+    assert "3/4" in out.getvalue() and "loss 0.1250, 10.0 img/s" in out.getvalue()

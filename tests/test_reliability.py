@@ -62,6 +62,13 @@ def test_killed_preempted_and_resumed_run_is_bit_identical_to_a_straight_run(tmp
     # It crosses disc_start: both programs compiled, each once (loop.compile_step's log line).
     assert result.stderr.count("Compiled train_step before disc_start in ") == 1
     assert result.stderr.count("Compiled train_step in ") == 1
+    # A quiet console (vqgan_jax.console): no orbax internals, a plain progress line per log
+    # (not a terminal), a few dozen lines in all.
+    console = result.stdout + result.stderr
+    for internal in ("orbax", "CheckpointManager", "handler"):
+        assert internal not in console, console[-3000:]
+    assert len(console.splitlines()) <= 40, console[-3000:]
+    assert "step 7/7: loss " in console and " img/s, ETA " in console
     metrics = json.loads((straight / "metrics.json").read_text())
     assert metrics["step"] == 7
     for key in ("psnr", "lpips", "codebook_usage", "perplexity"):

@@ -1,5 +1,6 @@
 """Stage 2 end to end: configs, the loss, the train job (and its resume) and the
-sample command line, over a tiny stage-1 tokenizer checkpoint written here."""
+sample command line, over a tiny stage-1 tokenizer checkpoint (conftest's tokenizer_workdir and
+gpt_run fixtures)."""
 
 import contextlib
 import functools
@@ -10,65 +11,24 @@ import shutil
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from conftest import CONFIG_DIR, ROOT, load_config
+from conftest import CONFIG_DIR, ROOT, load_config, tiny
 from vqgan_jax import parallel
 from vqgan_jax.models.gpt import GPT
-from vqgan_jax.trainers import loop
-from vqgan_jax.trainers import tokenizer as stage1
 from vqgan_jax.trainers import transformer as T
 
 TRANSFORMER_CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.py")
                              if load_config(p.stem).stage == "transformer")
-TINY_GPT = dict(block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
 # GPT parameters: 12 C^2 + 13 C a layer, (V + cond tokens) C + block_size C embeddings,
 # 2 C final LayerNorm, C V head.
 PARAMETER_COUNTS = {"imagenet_cond_transformer": 1_412_178_432, "demo_transformer": 1_089_152}
 VOCAB = {"imagenet_cond_transformer": 16384, "demo_transformer": 1024}  # their tokenizers'
-
-
-@pytest.fixture(scope="module")
-def tokenizer_workdir(tmp_path_factory):
-    """A stage-1 workdir holding a tiny f2 tokenizer (16 codes; 4x4 codes an 8x8 image), and a
-    folder of small images in two classes next to it.
-
-    The checkpoint has the trainer's items (``state``, ``config``) and keys; of the state only
-    ``step`` and ``g_params`` are written, the part stage 2 reads. The parameters are random
-    normal values of the right shapes: compiling the tokenizer's init (or a training step)
-    costs tens of seconds of CPU, and tests/test_main.py trains the tokenizer end to end.
-    """
-    root = tmp_path_factory.mktemp("stage1")
-    rng = np.random.default_rng(0)
-    for label in ("a", "b"):
-        (root / "images" / label).mkdir(parents=True)
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(
-                root / "images" / label / f"{i}.png")
-    config = load_config("demo")
-    config.update(dataset=f"folder:{root / 'images'}", image_size=8)
-    config.model.update(ch=8, ch_mult=(1, 2), attn_resolutions=(), z_channels=8,
-                        embed_dim=4, n_embed=16, norm_groups=8)
-    stage1.validate_config(config, num_devices=1)
-    vq = stage1.build_models(config)[0]
-    abstract = jax.eval_shape(lambda: nn.meta.unbox(vq.init(jax.random.key(0),
-                                                            jnp.zeros((1, 8, 8, 3)))["params"]))
-    g_params = jax.tree.map(lambda a: rng.normal(0, 0.3, a.shape).astype(np.float32), abstract)
-    state = dict(step=jnp.ones((), jnp.int32), g_params=g_params)
-    manager = loop.checkpoint_manager(str(root / "run"), max_to_keep=1,
-                                      item_names=("state", "data", "config"))
-    manager.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                            config=ocp.args.JsonSave(config.to_dict())))
-    manager.wait_until_finished()
-    manager.close()
-    return str(root / "run")
 
 
 @contextlib.contextmanager
@@ -92,16 +52,6 @@ def absl_logs():
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
-
-
-def tiny(config: ml_collections.ConfigDict, tokenizer_workdir: str) -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.update(tokenizer_workdir=tokenizer_workdir, image_size=8, batch_size=8,
-                  dataset=f"folder:{os.path.dirname(tokenizer_workdir)}/images", num_classes=2,
-                  dtype="float32")
-    config.model.update(TINY_GPT)
-    config.sample.update(num_per_row=2, max_rows=2, top_k=4, top_p=0.9)
-    return config
 
 
 @pytest.mark.parametrize("name", TRANSFORMER_CONFIGS)
@@ -181,19 +131,6 @@ def test_bad_config_fails_naming_the_field(update, message, tokenizer_workdir, t
         T.validate_config(config, num_devices=4)
 
 
-@pytest.fixture(scope="module")
-def gpt_run(tokenizer_workdir, tmp_path_factory):
-    """A tiny class-conditional GPT trained 2 steps by the trainer (in-process: 8 devices,
-    batch 8): ``(config, workdir, final metrics)``. Shared, so read-only: the resume test
-    continues a copy; the FID test samples from it."""
-    config = tiny(load_config("demo_transformer"), tokenizer_workdir)
-    config.update(num_train_steps=2, log_every_steps=1, checkpoint_every_steps=1, pkeep=0.9,
-                  class_drop_prob=0.5)
-    workdir = tmp_path_factory.mktemp("gpt_run") / "gpt"
-    metrics = T.train_and_evaluate(config, str(workdir))
-    return config, workdir, metrics
-
-
 def test_train_resume_and_sample_cli(gpt_run, tmp_path):
     config, trained, metrics = gpt_run
     config = ml_collections.ConfigDict(config.to_dict())
@@ -217,16 +154,14 @@ def test_train_resume_and_sample_cli(gpt_run, tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
     out = tmp_path / "large.png"
     result = subprocess.run(
-        [sys.executable, "-m", "vqgan_jax.sample", f"--workdir={workdir}", "--class_ids=0,1",
+        # The console script's dispatcher (`vqgan-jax sample`), which runs vqgan_jax.sample.
+        [sys.executable, "-m", "vqgan_jax.cli", "sample", f"--workdir={workdir}", "--class_ids=0,1",
          "--num=3", "--top_k=4", "--top_p=0.9", "--temperature=1.0", "--guidance_scale=2.0",
          "--height=6", "--width=5", "--seed=1", f"--out={out}"],
         env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     # 2 rows (classes) x 3 samples of 6x5 codes = 12x10 pixels, 2-pixel gaps.
     assert Image.open(out).size == (3 * 10 + 2 * 2, 2 * 12 + 2)
-
-    with pytest.raises(ValueError, match=r"--class_ids=\[5\]"):
-        T.sample_to_png(str(workdir), str(tmp_path / "x.png"), class_ids=[5], num=1)
 
 
 def test_sample_fid_and_inception_score_of_a_stage2_workdir(gpt_run, tmp_path):

@@ -316,5 +316,6 @@ def test_stage2_reads_a_vit_tokenizer_workdir(tmp_path, ema_decay):
         batch, frozen)
     assert prefix.shape == (2, 1) and codes.shape == (2, 16)
     assert int(codes.min()) >= 0 and int(codes.max()) < 32
-    images = stage2._decode(frozen["tokenizer"], codes.reshape(2, 4, 4), vq=sc.vq)
+    images = jax.jit(lambda p, c: sc.vq.apply({"params": p}, c, method="decode_from_indices"))(
+        frozen["tokenizer"], codes.reshape(2, 4, 4))
     assert images.shape == (2, 16, 16, 3) and np.all(np.isfinite(images))

@@ -72,34 +72,37 @@ def main(argv):
     if len(directions) != 1:
         raise app.UsageError("Pass exactly one of --from_taming=FILE, --to_taming=FILE, "
                              "--from_llamagen=FILE or --to_llamagen=FILE.")
+    from vqgan_jax import console, workdir
     from vqgan_jax.interop import llamagen, taming
+    console.quiet_logs()  # other libraries' INFO logs only with --verbosity=1
     if _FROM_LLAMAGEN.value:
         if not _OUT.value:
             raise app.UsageError("--from_llamagen needs --out=DIR.")
-        out = llamagen.convert_from_llamagen(_FROM_LLAMAGEN.value, _OUT.value, _CONFIG.value,
-                                             step=_STEP.value, trust_pickle=_TRUST.value)
+        with workdir.exit_on_error(taming.ConversionError):  # e.g. torch missing: the message
+            out = llamagen.convert_from_llamagen(_FROM_LLAMAGEN.value, _OUT.value, _CONFIG.value,
+                                                 step=_STEP.value, trust_pickle=_TRUST.value)
         print(f"Wrote the tokenizer workdir {out}")
     elif _TO_LLAMAGEN.value:
         if not _WORKDIR.value:
             raise app.UsageError("--to_llamagen needs --workdir=DIR (a stage-1 workdir).")
-        from vqgan_jax import workdir
-        with workdir.exit_on_error():  # no intact checkpoint: the message, no stack trace
+        with workdir.exit_on_error(taming.ConversionError):  # no intact checkpoint, no torch
             state_dict = llamagen.convert_to_llamagen(_WORKDIR.value, _TO_LLAMAGEN.value)
         print(f"Wrote {_TO_LLAMAGEN.value} ({len(state_dict)} tensors)")
     elif _FROM.value:
         if _CONFIG.value is None or not _OUT.value:
             raise app.UsageError("--from_taming needs --config=RECIPE.py and --out=DIR.")
-        written = taming.convert_from_taming(
-            _FROM.value, _CONFIG.value, _OUT.value, tokenizer_config=_TOKENIZER_CONFIG.value,
-            tokenizer_out=_TOKENIZER_OUT.value, step=_STEP.value, sos_token=_SOS_TOKEN.value,
-            trust_pickle=_TRUST.value)
-        for stage, workdir in written.items():
-            print(f"Wrote the {stage} workdir {workdir}")
+        with workdir.exit_on_error(taming.ConversionError):  # e.g. torch missing: the message
+            written = taming.convert_from_taming(
+                _FROM.value, _CONFIG.value, _OUT.value, tokenizer_config=_TOKENIZER_CONFIG.value,
+                tokenizer_out=_TOKENIZER_OUT.value, step=_STEP.value, sos_token=_SOS_TOKEN.value,
+                trust_pickle=_TRUST.value)
+        for stage, out in written.items():
+            print(f"Wrote the {stage} workdir {out}")
     else:
         if not _WORKDIR.value:
             raise app.UsageError("--to_taming needs --workdir=DIR (a stage-1 workdir).")
-        from vqgan_jax import workdir
-        with workdir.exit_on_error():  # no intact checkpoint: the message, no stack trace
+        # No intact checkpoint, torch missing: the message, no stack trace.
+        with workdir.exit_on_error(taming.ConversionError):
             state_dict = taming.convert_to_taming(_WORKDIR.value, _TO.value, _LOSS.value)
         print(f"Wrote {_TO.value} ({len(state_dict)} tensors)")
 

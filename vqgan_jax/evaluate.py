@@ -48,7 +48,8 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.ini
 
 
 def main(argv):
-    from vqgan_jax import workdir
+    from vqgan_jax import console, workdir
+    console.quiet_logs()  # other libraries' INFO logs only with --verbosity=1
     with workdir.exit_on_error():
         _main(argv)
 

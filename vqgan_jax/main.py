@@ -8,6 +8,10 @@ or ``--config.dataset=folder:/path/to/images``. Re-running with the same --workd
 The job holds ``WORKDIR/LOCK`` while it runs (:func:`vqgan_jax.workdir.locked`): a second job on
 the same workdir stops at once, naming the holder. Workdir faults (the workdir in use, no intact
 checkpoint, a failed save) end the process with their message and exit status 1.
+
+The console shows vqgan_jax's messages, warnings and a progress bar (a plain line every
+``config.log_every_steps`` when stderr is not a terminal); ``--verbosity=1`` adds the INFO logs
+of orbax, clu and jax (:mod:`vqgan_jax.console`).
 """
 
 import signal
@@ -36,6 +40,8 @@ STAGES = ("tokenizer", "transformer")  # modules of vqgan_jax.trainers
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    from vqgan_jax import console
+    console.quiet_logs()  # other libraries' INFO logs only with --verbosity=1
     config = _CONFIG.value
     if config.stage not in STAGES:
         raise ValueError(f"config.stage={config.stage!r}; known stages: {STAGES}.")

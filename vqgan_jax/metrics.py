@@ -43,14 +43,20 @@ SSIM_WINDOW = dict(filter_size=11, filter_sigma=1.5, k1=0.01, k2=0.03)
 
 # ----------------------------------------------------------------------------- per image
 
+def to_uint8(x: Array) -> Array:
+    """float[...] in [-1, 1] -> uint8[...]: clipped, then ``round((x + 1) * 127.5)``; the one
+    conversion of model outputs to saved pixels (jittable; numpy inputs give a jax.Array)."""
+    return jnp.round((jnp.clip(jnp.asarray(x, jnp.float32), -1.0, 1.0) + 1.0) * 127.5
+                     ).astype(jnp.uint8)
+
+
 def quantize_to_uint8_levels(x: Array) -> Array:
     """float[...] in [-1, 1] -> float32 on the 256 levels a uint8 image can hold, in [-1, 1].
 
     Reconstructions and samples are scored as the images a user would save: clipped and
-    rounded to uint8 (``round((x + 1) * 127.5)``), then mapped back to [-1, 1].
+    rounded to uint8 (:func:`to_uint8`), then mapped back to [-1, 1].
     """
-    u8 = jnp.round((jnp.clip(x.astype(jnp.float32), -1.0, 1.0) + 1.0) * 127.5)
-    return u8 / 127.5 - 1.0
+    return to_uint8(x).astype(jnp.float32) / 127.5 - 1.0
 
 
 def psnr(x: Array, y: Array) -> Array:

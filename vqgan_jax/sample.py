@@ -6,8 +6,8 @@
 A row per class id (``--num`` samples each); an unconditional model takes no --class_ids and
 draws ``--num`` samples. ``--height/--width`` (in codes) beyond the training grid sample with a
 sliding window into larger images; ``--guidance_scale`` applies classifier-free guidance.
-The work is done by :func:`vqgan_jax.trainers.transformer.sample_to_png`, from the newest intact
-checkpoints of the workdir and its tokenizer.
+The work is done by :meth:`vqgan_jax.api.Generator.sample`, from the newest intact checkpoints
+of the workdir and its tokenizer.
 """
 
 from absl import app, flags
@@ -29,17 +29,23 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    from vqgan_jax import workdir
-    from vqgan_jax.trainers import transformer
+    from vqgan_jax import api, console, workdir
+    from vqgan_jax.trainers import loop, transformer
+    console.quiet_logs()
     try:
         class_ids = [int(c) for c in _CLASS_IDS.value]
     except ValueError as e:
         raise app.UsageError(f"--class_ids={','.join(_CLASS_IDS.value)}: {e}") from e
-    with workdir.exit_on_error():  # no intact checkpoint: the message, not a stack trace
-        transformer.sample_to_png(
-            _WORKDIR.value, _OUT.value, class_ids=class_ids, num=_NUM.value, top_k=_TOP_K.value,
-            top_p=_TOP_P.value, temperature=_TEMPERATURE.value, guidance_scale=_GUIDANCE.value,
-            height=_HEIGHT.value, width=_WIDTH.value, seed=_SEED.value)
+    # No intact checkpoint or an argument that cannot work: the message, not a stack trace.
+    with workdir.exit_on_error(ValueError):
+        generator = api.load_generator(_WORKDIR.value)
+        f = generator.tokenizer.downsample_factor
+        images = generator.sample(
+            class_ids=class_ids or None, num=_NUM.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
+            temperature=_TEMPERATURE.value, guidance_scale=_GUIDANCE.value,
+            height=_HEIGHT.value and _HEIGHT.value * f, width=_WIDTH.value and _WIDTH.value * f,
+            seed=_SEED.value)
+    loop.write_png(_OUT.value, transformer.image_grid(images, max(1, len(class_ids))))
 
 
 if __name__ == "__main__":

@@ -54,12 +54,12 @@ class SaveFailed(WorkdirError):
 
 
 @contextlib.contextmanager
-def exit_on_error() -> Iterator[None]:
-    """For the command lines: a :class:`WorkdirError` ends the process with ``Error: <message>``
-    on stderr and exit status 1, not a stack trace."""
+def exit_on_error(*also: type[Exception]) -> Iterator[None]:
+    """For the command lines: a :class:`WorkdirError` (or one of the exception types ``also``)
+    ends the process with ``Error: <message>`` on stderr and exit status 1, not a stack trace."""
     try:
         yield
-    except WorkdirError as e:
+    except (WorkdirError, *also) as e:
         sys.exit(f"Error: {e}")
 
 

@@ -70,6 +70,20 @@ class ConversionError(ValueError):
 
 # ----------------------------------------------------------------------------- torch files
 
+def import_torch():
+    """torch, which only reading or writing PyTorch files needs (it is not a dependency).
+
+    Raises:
+      ConversionError: naming the extra to install when torch is missing.
+    """
+    try:
+        import torch
+    except ImportError as e:
+        raise ConversionError("Reading or writing PyTorch checkpoints needs PyTorch, which is "
+                              "not installed: pip install 'vqgan_jax[torch]'.") from e
+    return torch
+
+
 def load_state_dict(path: str, trust_pickle: bool = False, entry: str = "state_dict",
                     step_entry: str = "global_step", project: str = "taming"
                     ) -> tuple[dict[str, np.ndarray], int | None]:
@@ -94,8 +108,7 @@ def load_state_dict(path: str, trust_pickle: bool = False, entry: str = "state_d
       ConversionError: naming ``--trust_pickle`` when the file holds objects that
         ``weights_only`` loading refuses, or when it holds no state dict.
     """
-    import torch  # Only conversion to or from PyTorch files needs torch.
-
+    torch = import_torch()
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as e:
@@ -123,9 +136,11 @@ def save_state_dict(path: str, state_dict: dict[str, np.ndarray], entry: str = "
     """Write ``{entry: {key: torch.Tensor}}`` with ``torch.save`` (``state_dict``: what taming's
     ``VQModel.init_from_ckpt`` and ``load_state_dict(torch.load(path)["state_dict"])`` read;
     LlamaGen reads ``model``)."""
-    import torch
-
-    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}
+    torch = import_torch()
+    # A writable C-contiguous copy where needed: arrays fetched from JAX are read-only, and
+    # torch.from_numpy warns about (and would share) a non-writable buffer.
+    tensors = {k: torch.from_numpy(np.require(v, requirements=("C", "W")))
+               for k, v in state_dict.items()}
     epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
     torch.save({entry: tensors}, path)
 
@@ -596,13 +611,7 @@ def convert_from_taming(path: str, config: ml_collections.ConfigDict, out: str, 
     step = step if step is not None else (file_step or 0)
     is_net2net = reader.has_prefix(GPT_PREFIX)
     if not is_net2net:
-        if config.stage != "tokenizer":
-            raise ConversionError(f"{path} is a taming VQModel (no transformer.* keys); pass a "
-                                  f"stage-1 --config (config.stage is {config.stage!r}).")
-        vq, disc = stage1.build_models(config)
-        converted = tokenizer_from_state_dict(reader, vq, disc, config.image_size)
-        reader.check_all_used(hint="check that --config describes this model (config.model / "
-                              "config.disc); Gumbel or EMA quantizers do not convert")
+        converted = _vqmodel_from_reader(reader, path, config)
         return {"tokenizer": write_tokenizer_workdir(out, config, converted, step)}
 
     from vqgan_jax.trainers import loop
@@ -641,6 +650,39 @@ def convert_from_taming(path: str, config: ml_collections.ConfigDict, out: str, 
                                                     step, field="--tokenizer_out")}
     written["transformer"] = write_transformer_workdir(out, config, params, step)
     return written
+
+
+def _vqmodel_from_reader(reader: StateDictReader, path: str, config: ml_collections.ConfigDict
+                         ) -> dict[str, Any]:
+    from vqgan_jax.trainers import tokenizer as stage1
+    if reader.has_prefix(GPT_PREFIX) or config.stage != "tokenizer":
+        raise ConversionError(
+            f"{path} is a taming {'Net2NetTransformer' if reader.has_prefix(GPT_PREFIX) else 'VQModel'}"
+            f" and config.stage is {config.stage!r}: a VQModel file (no transformer.* keys) goes "
+            "with a stage-1 config (e.g. configs/imagenet_f16.py).")
+    vq, disc = stage1.build_models(config)
+    converted = tokenizer_from_state_dict(reader, vq, disc, config.image_size)
+    reader.check_all_used(hint="check that --config describes this model (config.model / "
+                          "config.disc); Gumbel or EMA quantizers do not convert")
+    return converted
+
+
+def read_taming_tokenizer(path: str, config: ml_collections.ConfigDict,
+                          trust_pickle: bool = False) -> Any:
+    """A taming VQModel ``.ckpt`` as our tokenizer parameters, in memory (no workdir written).
+
+    Args:
+      path: the file; config: the stage-1 recipe describing its model.
+
+    Returns:
+      ``g_params``: float32 numpy arrays in the layout of ``build_models(config)[0]``.
+
+    Raises:
+      ConversionError: for a missing torch, a Net2NetTransformer file or a stage-2 config, and
+        a missing, misshapen or unknown key (named).
+    """
+    reader = StateDictReader(load_state_dict(path, trust_pickle)[0], path)
+    return _vqmodel_from_reader(reader, path, config)["g_params"]
 
 
 TAMING_LOSSES = ("vqlpips", "dummy")

@@ -16,7 +16,7 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
-from vqgan_jax import parallel, workdir as workdir_lib
+from vqgan_jax import console, parallel, workdir as workdir_lib
 from vqgan_jax.trainers.writers import JsonlWriter, LoggedFailures, metric_writers
 
 
@@ -277,7 +277,8 @@ def train_loop(state: Any, step_fn: Callable[[Any, Any, int], tuple[Any, dict]],
     ``nonfinite_steps`` written as ``train/*``; every ``checkpoint_every_steps`` a save
     (skipped inside a non-finite streak); then ``after_step(state, step)`` (evaluation) and
     the test fault hook (:func:`fault_injector`). At the end the last step is saved if it
-    was not. ``report`` progress (steps/s, ETA) goes to ``writer``.
+    was not. ``report`` progress (steps/s, ETA) goes to ``writer``; the console shows
+    :class:`vqgan_jax.console.Progress` (a live bar on a terminal, else a line at every log).
 
     Args:
       step_fn: the jitted step; its metrics hold float32 scalars including ``nonfinite``.
@@ -296,6 +297,7 @@ def train_loop(state: Any, step_fn: Callable[[Any, Any, int], tuple[Any, dict]],
     preemption = Preemption(manager)
     inject_fault = fault_injector()
     report = periodic_actions.ReportProgress(num_train_steps=num_train_steps, writer=writer)
+    progress = console.Progress(step, num_train_steps, process_index=jax.process_index())
     pending, t_log, nonfinite_steps, summary = [], time.perf_counter(), 0, {}
     try:
         while step < num_train_steps:
@@ -311,6 +313,7 @@ def train_loop(state: Any, step_fn: Callable[[Any, Any, int], tuple[Any, dict]],
             guard.observe(step, metrics["nonfinite"])
             pending.append(metrics)
             report(step)
+            progress.step()
             if step % log_every_steps == 0 or step == num_train_steps:
                 fetched = jax.device_get(pending)
                 summary = jax.tree.map(lambda *m: float(np.mean(m)), *fetched)
@@ -318,6 +321,7 @@ def train_loop(state: Any, step_fn: Callable[[Any, Any, int], tuple[Any, dict]],
                 summary.update(extra_scalars(len(fetched), time.perf_counter() - t_log))
                 summary["nonfinite_steps"] = nonfinite_steps  # skipped updates, this process
                 writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
+                progress.log(step, summary)
                 pending, t_log = [], time.perf_counter()
             if step % checkpoint_every_steps == 0:
                 guard.flush()   # raises before saving if this step ends a bad streak
@@ -331,6 +335,7 @@ def train_loop(state: Any, step_fn: Callable[[Any, Any, int], tuple[Any, dict]],
             save(state, step, force=True)
     finally:
         preemption.close()
+        progress.close()
     return state, step, summary, False
 
 
@@ -442,6 +447,16 @@ def latest_step(workdir: str, field: str) -> int:
       ValueError: naming ``field`` (the config field or flag that gave ``workdir``) when there
         is no checkpoint there, and what to run to make one.
     """
+    return max(_steps_to_try(workdir, field, None))
+
+
+def _steps_to_try(workdir: str, field: str, step: int | None) -> list[int]:
+    """Every finished step of ``workdir`` (the newest intact one is used), or ``[step]``.
+
+    Raises:
+      ValueError: naming ``field`` when there is no checkpoint, or ``step`` when there is none
+        at that step.
+    """
     directory = epath.Path(workdir) / "checkpoints"
     steps = workdir_lib.checkpoint_steps(directory)
     if not steps:
@@ -449,51 +464,58 @@ def latest_step(workdir: str, field: str) -> int:
             f"{field}={workdir!r} holds no checkpoint ({directory} has no step folder); train "
             "that stage first, e.g. `make demo` for runs/demo or `python -m vqgan_jax.main "
             f"--config=configs/<recipe>.py --workdir={workdir}`.")
-    return max(steps)
+    if step is not None and step not in steps:
+        raise ValueError(f"step={step}: {field}={workdir!r} has no checkpoint at that step "
+                         f"(it has {steps}); pass one of them or step=None for the newest.")
+    return steps if step is None else [step]
 
 
-def read_config(workdir: str, field: str):
-    """The ml_collections config saved with the latest readable checkpoint of ``workdir``.
+def read_config(workdir: str, field: str, step: int | None = None):
+    """The ml_collections config saved with the latest readable checkpoint of ``workdir`` (or
+    with checkpoint ``step``).
 
     JSON lists come back as tuples, as the recipes write them (modules need hashable fields).
 
     Raises:
-      ValueError: as :func:`latest_step`.
+      ValueError: as :func:`latest_step`; naming ``step`` when there is no such checkpoint.
       vqgan_jax.workdir.NoIntactCheckpoint: when no checkpoint's config can be read.
     """
     import ml_collections
-    latest_step(workdir, field)
+    steps = _steps_to_try(workdir, field, step)
     directory = epath.Path(workdir) / "checkpoints"
     as_tuples = lambda x: tuple(x) if isinstance(x, list) else x
     _, config = workdir_lib.restore_newest(directory, lambda step: json.loads(
         (directory / str(step) / "config" / "metadata").read_text(),
-        object_hook=lambda d: {k: as_tuples(v) for k, v in d.items()}))
+        object_hook=lambda d: {k: as_tuples(v) for k, v in d.items()}), steps)
     return ml_collections.ConfigDict(config)
 
 
-def restore_subtree(workdir: str, field: str, name: str, abstract: Any) -> Any:
-    """Restore only ``state.<name>`` of the latest intact checkpoint in ``workdir``, onto the
-    shardings that ``abstract`` (ShapeDtypeStructs, see :func:`abstract_like`) carries.
+def restore_subtree(workdir: str, field: str, name: str, abstract: Any,
+                    step: int | None = None) -> Any:
+    """Restore only ``state.<name>`` of the latest intact checkpoint in ``workdir`` (or of
+    checkpoint ``step``), onto the shardings that ``abstract`` (ShapeDtypeStructs, see
+    :func:`abstract_like`) carries.
 
     Raises:
       As :func:`restore_subtrees`.
     """
-    return restore_subtrees(workdir, field, {name: abstract})[1][name]
+    return restore_subtrees(workdir, field, {name: abstract}, step)[1][name]
 
 
-def restore_subtrees(workdir: str, field: str, abstract: dict[str, Any]) -> tuple[int, dict]:
+def restore_subtrees(workdir: str, field: str, abstract: dict[str, Any],
+                     step: int | None = None) -> tuple[int, dict]:
     """Restore ``{name: state.<name>}`` for the names of ``abstract``, all from one checkpoint:
-    the newest that restores (damaged newer ones are named in a warning). The rest of the saved
-    state (optimizer states, a discriminator) is never read.
+    the newest that restores (damaged newer ones are named in a warning), or ``step``. The rest
+    of the saved state (optimizer states, a discriminator) is never read.
 
     Returns:
       ``(step, restored)``.
 
     Raises:
-      ValueError: as :func:`latest_step`.
+      ValueError: as :func:`read_config`.
       vqgan_jax.workdir.NoIntactCheckpoint: when no checkpoint restores.
     """
-    latest_step(workdir, field)
+    steps = _steps_to_try(workdir, field, step)
     directory = epath.Path(workdir) / "checkpoints"
     restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
 
@@ -503,7 +525,7 @@ def restore_subtrees(workdir: str, field: str, abstract: dict[str, Any]) -> tupl
                                         args=ocp.args.PyTreeRestore(item=abstract,
                                                                     restore_args=restore_args,
                                                                     partial_restore=True))
-    return workdir_lib.restore_newest(directory, restore)
+    return workdir_lib.restore_newest(directory, restore, steps)
 
 
 def absolute(workdir: str) -> str:

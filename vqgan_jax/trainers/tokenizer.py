@@ -207,6 +207,36 @@ def eval_params_field(config: ml_collections.ConfigDict) -> str:
     return "g_ema_params" if config.loss.get("ema_decay", 0.0) > 0 else "g_params"
 
 
+def restore_eval_params(workdir: str, field: str, config: ml_collections.ConfigDict,
+                        vq: Tokenizer, mesh, rules: parallel.Rules = (), step: int | None = None
+                        ) -> tuple[Any, Any]:
+    """The generator weights :func:`eval_params` would give, read alone (orbax partial restore)
+    from the newest intact checkpoint of the stage-1 ``workdir`` (or checkpoint ``step``),
+    laid out on ``mesh`` by ``rules`` (:func:`vqgan_jax.parallel.state_shardings`).
+
+    Args:
+      config: the workdir's saved config (:func:`eval_params_field` reads it); vq: its model.
+
+    Returns:
+      ``(params, shardings)``.
+
+    Raises:
+      ValueError / vqgan_jax.workdir.NoIntactCheckpoint: as :func:`loop.restore_subtree`,
+        naming ``field``.
+    """
+    abstract, shardings = param_shardings(vq, mesh, rules)
+    params = loop.restore_subtree(loop.absolute(workdir), field, eval_params_field(config),
+                                  loop.abstract_like(abstract, shardings), step)
+    return params, shardings
+
+
+def param_shardings(vq: Tokenizer, mesh, rules: parallel.Rules = ()) -> tuple[Any, Any]:
+    """``(abstract params, NamedShardings)`` of ``vq``'s parameters on ``mesh`` (nothing made)."""
+    size = vq.resolution
+    boxed = jax.eval_shape(lambda: vq.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))["params"])
+    return parallel.unbox(boxed), parallel.state_shardings(boxed, mesh, rules)
+
+
 def _get_path(tree: Any, path: tuple[str, ...]) -> Any:
     return functools.reduce(lambda t, k: t[k], path, tree)
 
@@ -574,7 +604,7 @@ def evaluate(g_params: Any, lpips_params: Any, images: list[np.ndarray], vq: Tok
 def comparison_grid(originals: list[np.ndarray], reconstructions: list[np.ndarray],
                     gap: int = 4) -> np.ndarray:
     """uint8[H, W, 3] picture: one row per image, original | reconstruction, white gaps."""
-    to_u8 = lambda a: np.round((np.clip(a, -1, 1) + 1) * 127.5).astype(np.uint8)
+    to_u8 = lambda a: np.asarray(metrics_lib.to_uint8(a))
     rows = [np.concatenate([to_u8(o), np.full((o.shape[0], gap, 3), 255, np.uint8), to_u8(r)], 1)
             for o, r in zip(originals, reconstructions)]
     width = max(r.shape[1] for r in rows)

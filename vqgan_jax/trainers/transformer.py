@@ -26,6 +26,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from vqgan_jax import metrics as metrics_lib
 from vqgan_jax import parallel, sampling
 from vqgan_jax.data import pipeline, sources
 from vqgan_jax.models.gpt import GPT
@@ -344,35 +345,75 @@ def load_frozen(config: ml_collections.ConfigDict, sc: StepConfig, mesh) -> tupl
         pairs.append(("cond_tokenizer", sc.cond_vq, config.cond_tokenizer_workdir,
                       "config.cond_tokenizer_workdir"))
     for name, vq, workdir, field in pairs:
-        size = vq.resolution
-        boxed = jax.eval_shape(lambda: vq.init(
-            jax.random.key(0), jnp.zeros((1, size, size, 3)))["params"])
-        shardings[name] = parallel.state_shardings(boxed, mesh, parallel.rules_from_config(config))
-        params_field = stage1.eval_params_field(_tokenizer_config(workdir, field))
-        frozen[name] = loop.restore_subtree(loop.absolute(workdir), field, params_field,
-                                            loop.abstract_like(parallel.unbox(boxed),
-                                                               shardings[name]))
+        frozen[name], shardings[name] = stage1.restore_eval_params(
+            workdir, field, _tokenizer_config(workdir, field), vq, mesh,
+            parallel.rules_from_config(config))
     return frozen, shardings
 
 
 # ----------------------------------------------------------------------------- sampling
 
 def image_grid(images: np.ndarray, rows: int, gap: int = 2) -> np.ndarray:
-    """float[N, H, W, 3] in [-1, 1], N a multiple of ``rows`` -> uint8 picture, white gaps."""
+    """uint8[N, H, W, 3], N a multiple of ``rows`` -> one uint8 picture, row-major, white gaps."""
     n, h, w, _ = images.shape
     cols = n // rows
     out = np.full((rows * (h + gap) - gap, cols * (w + gap) - gap, 3), 255, np.uint8)
-    pixels = np.round((np.clip(images, -1, 1) + 1) * 127.5).astype(np.uint8)
     for k in range(n):
         r, c = divmod(k, cols)
-        out[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = pixels[k]
+        out[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = images[k]
     return out
 
 
-@functools.partial(jax.jit, static_argnames="vq")
-def _decode(params, codes, vq):
-    return jnp.clip(vq.apply({"params": params}, codes, method="decode_from_indices")
-                    .astype(jnp.float32), -1.0, 1.0)
+def draw_images(params: Any, frozen: dict[str, Any], sc: StepConfig, prefix: jax.Array,
+                rng: jax.Array, *, height: int, width: int, top_k: int = 0, top_p: float = 1.0,
+                temperature: float | jax.Array = 1.0,
+                guidance_scale: float | jax.Array | None = None) -> jax.Array:
+    """Sample code grids after ``prefix`` and decode them with the frozen tokenizer (traceable:
+    the body that :func:`sample_images` and :class:`vqgan_jax.api.Generator` jit).
+
+    Args:
+      height, width: the code grid, at least the training grid ``sc.grid``; larger grids use
+        the sliding window (:func:`sampling.sample_sliding_window`).
+      guidance_scale: classifier-free guidance scale (class mode); None: no guidance.
+      The rest: as :func:`sample_images`.
+
+    Returns:
+      float32[B, height * f, width * f, 3] in [-1, 1].
+    """
+    gh, gw = sc.grid
+    b = prefix.shape[0]
+    null = None if guidance_scale is None else sc.conditioning.null_prefix(b)
+    kw = dict(gpt=sc.gpt, top_k=top_k, top_p=top_p, temperature=temperature, null_prefix=null,
+              guidance_scale=1.0 if guidance_scale is None else guidance_scale)
+    if (height, width) == (gh, gw):
+        codes = sampling.sample(params, prefix, rng, num_codes=gh * gw, **kw).reshape(b, gh, gw)
+    else:
+        codes = sampling.sample_sliding_window(params, prefix, rng, grid=sc.grid, height=height,
+                                               width=width, **kw)
+    x = sc.vq.apply({"params": frozen["tokenizer"]}, codes, method="decode_from_indices")
+    return jnp.clip(x.astype(jnp.float32), -1.0, 1.0)
+
+
+def check_sampling_args(sc: StepConfig, height: int, width: int, guidance_scale: float) -> None:
+    """Raise before any compile for a grid or guidance the model cannot sample.
+
+    Raises:
+      ValueError: for a grid smaller than the training grid, guidance outside class mode, or a
+        sliding window in image mode (the condition would have to slide too).
+    """
+    gh, gw = sc.grid
+    if height < gh or width < gw:
+        raise ValueError(f"height x width = {height}x{width} codes is smaller than the training "
+                         f"grid {gh}x{gw}; sample at least the training grid.")
+    if guidance_scale != 1.0 and sc.conditioning.kind != "class":
+        raise ValueError(f"guidance_scale={guidance_scale} needs a class-conditional model "
+                         "(trained with config.class_drop_prob > 0); leave it at 1.0.")
+    if (height, width) != (gh, gw) and sc.conditioning.kind == "image":
+        raise ValueError("Sliding-window sampling (height/width beyond the training grid) "
+                         "supports unconditional and class-conditional models only.")
+
+
+_draw_images = jax.jit(draw_images, static_argnames=("sc", "height", "width", "top_k", "top_p"))
 
 
 def sample_images(params: Any, frozen: dict[str, Any], sc: StepConfig, prefix: jax.Array,
@@ -394,71 +435,60 @@ def sample_images(params: Any, frozen: dict[str, Any], sc: StepConfig, prefix: j
       float32[B, height * f, width * f, 3] in [-1, 1].
 
     Raises:
-      ValueError: for a grid smaller than the training grid, guidance outside class mode, or a
-        sliding window in image mode (the condition would have to slide too).
+      ValueError: as :func:`check_sampling_args`.
     """
-    gh, gw = sc.grid
-    height, width = height or gh, width or gw
-    b = prefix.shape[0]
-    null = None
-    if guidance_scale != 1.0:
-        if sc.conditioning.kind != "class":
-            raise ValueError("--guidance_scale needs a class-conditional model (trained with "
-                             "config.class_drop_prob > 0).")
-        null = sc.conditioning.null_prefix(b)
-    kw = dict(gpt=sc.gpt, top_k=top_k, top_p=top_p, temperature=temperature, null_prefix=null,
-              guidance_scale=guidance_scale)
-    if (height, width) == (gh, gw):
-        codes = sampling.sample(params, prefix, rng, num_codes=gh * gw, **kw).reshape(b, gh, gw)
-    else:
-        if sc.conditioning.kind == "image":
-            raise ValueError("Sliding-window sampling (height/width beyond the training grid) "
-                             "supports unconditional and class-conditional models only.")
-        codes = sampling.sample_sliding_window(params, prefix, rng, grid=sc.grid, height=height,
-                                               width=width, **kw)
-    return np.asarray(_decode(frozen["tokenizer"], codes, vq=sc.vq))
+    height, width = height or sc.grid[0], width or sc.grid[1]
+    check_sampling_args(sc, height, width, guidance_scale)
+    return np.asarray(_draw_images(
+        params, frozen, sc, prefix, rng, height=height, width=width, top_k=top_k, top_p=top_p,
+        temperature=temperature, guidance_scale=None if guidance_scale == 1.0 else guidance_scale))
 
 
 def class_rows(conditioning: Conditioning, class_ids: list[int], num: int) -> jax.Array:
     """Prefixes for ``num`` samples of each class in ``class_ids`` (unconditional: ``num`` in all).
 
     Raises:
-      ValueError: naming --class_ids for ids outside [0, num_classes) or for ids given to a model
-        that is not class-conditional.
+      ValueError: naming class_ids for ids outside [0, num_classes), none for a class model, or
+        ids given to a model that is not class-conditional.
     """
     if conditioning.kind == "unconditional":
         if class_ids:
-            raise ValueError("--class_ids was given but the model is unconditional.")
+            raise ValueError(f"class_ids={list(class_ids)} was given but the model is "
+                             "unconditional; leave class_ids out.")
         return conditioning.sos_prefix(num)
     if conditioning.kind != "class":
-        raise ValueError("This model is image-conditional: the sample command line does not "
-                         "take condition images; encode one with the cond-stage tokenizer, build "
-                         "the prefix with Conditioning.image_prefix and call sample_images.")
+        raise ValueError("This model is image-conditional: sampling by class ids does not apply; "
+                         "encode a condition image with the cond-stage tokenizer, build the "
+                         "prefix with Conditioning.image_prefix and call sample_images.")
     bad = [c for c in class_ids if not 0 <= c < conditioning.num_classes]
     if bad or not class_ids:
-        raise ValueError(f"--class_ids={class_ids}: give class ids in [0, "
+        raise ValueError(f"class_ids={list(class_ids)}: give class ids in [0, "
                          f"{conditioning.num_classes}).")
     return conditioning.class_prefix(jnp.repeat(jnp.asarray(class_ids), num))
 
 
-def load_for_sampling(workdir: str, mesh=None) -> tuple[Any, dict, StepConfig, ml_collections.ConfigDict]:
-    """A stage-2 workdir's latest GPT parameters, its frozen tokenizers and its config.
+def load_for_sampling(workdir: str, mesh=None, step: int | None = None, field: str = "--workdir"
+                      ) -> tuple[Any, dict, StepConfig, ml_collections.ConfigDict]:
+    """A stage-2 workdir's GPT parameters (newest intact checkpoint, or ``step``), its frozen
+    tokenizers (their newest) and its config, laid out on ``mesh`` (default: one device).
 
     Raises:
-      ValueError: naming --workdir when it holds no stage-2 checkpoint.
+      ValueError: naming ``field`` when ``workdir`` holds no stage-2 checkpoint (or ``step``
+        when there is no such checkpoint).
     """
     workdir = loop.absolute(workdir)
-    config = loop.read_config(workdir, "--workdir")
+    config = loop.read_config(workdir, field, step)
     if config.get("stage") != "transformer":
-        raise ValueError(f"--workdir={workdir!r} holds a {config.get('stage')!r} run; point it "
+        raise ValueError(f"{field}={workdir!r} holds a {config.get('stage')!r} run; point it "
                          "at a stage-2 (transformer) workdir.")
     mesh = mesh or parallel.create_mesh(devices=jax.devices()[:1])
     sc = build_step_config(config)
     boxed = jax.eval_shape(functools.partial(init_state, sc=sc, boxed=True),
                            jax.random.key(0)).params
-    params = loop.restore_subtree(workdir, "--workdir", "params", loop.abstract_like(
+    params = loop.restore_subtree(workdir, field, "params", loop.abstract_like(
         parallel.unbox(boxed), parallel.state_shardings(boxed, mesh,
-                                                        parallel.rules_from_config(config))))
+                                                        parallel.rules_from_config(config))),
+        step)
     frozen, _ = load_frozen(config, sc, mesh)
     return params, frozen, sc, config
 
@@ -475,7 +505,7 @@ def _sample_grid(params, frozen, sc, config, rng) -> np.ndarray:
               else cond.sos_prefix(s.num_per_row))
     images = sample_images(params, frozen, sc, prefix, rng, top_k=s.top_k, top_p=s.top_p,
                            temperature=s.temperature, guidance_scale=s.guidance_scale)
-    return image_grid(images, rows)
+    return image_grid(np.asarray(metrics_lib.to_uint8(images)), rows)
 
 
 # ----------------------------------------------------------------------------- the job
@@ -491,8 +521,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     Returns:
       The last logged train metrics: ``loss`` (nats per code), ``bits_per_code``,
-      ``accuracy``, ``grad_norm``, ``codes_per_s``, ``nonfinite_steps``, ``step``; or
-      ``{"preempted_at_step": step}``.
+      ``accuracy``, ``grad_norm``, ``codes_per_s``, ``img_per_s``, ``nonfinite_steps``,
+      ``step``; or ``{"preempted_at_step": step}``.
 
     Raises:
       ValueError: for a config field or dataset that cannot work, before anything compiles.
@@ -550,7 +580,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             checkpoint_every_steps=config.checkpoint_every_steps,
             max_consecutive_nonfinite=config.max_consecutive_nonfinite, manager=manager,
             save=checkpoints.save, writer=writer,
-            extra_scalars=lambda n, seconds: dict(codes_per_s=n * codes_per_step / seconds))
+            extra_scalars=lambda n, seconds: dict(codes_per_s=n * codes_per_step / seconds,
+                                                  img_per_s=n * config.batch_size / seconds))
         if preempted:
             return {"preempted_at_step": step}
         summary["step"] = step
@@ -566,37 +597,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         manager.close()
         writer.flush()
     return summary
-
-
-def sample_to_png(workdir: str, out: str, *, class_ids: list[int], num: int, top_k: int = 0,
-                  top_p: float = 1.0, temperature: float = 1.0, guidance_scale: float = 1.0,
-                  height: int | None = None, width: int | None = None,
-                  seed: int = 0) -> np.ndarray:
-    """Sample from a stage-2 workdir and write a PNG grid (the ``vqgan_jax.sample`` CLI).
-
-    A row per class id with ``num`` samples each (unconditional: one row of ``num``). Same
-    seed, same images.
-
-    Returns:
-      The uint8[H, W, 3] picture written to ``out``.
-
-    Raises:
-      ValueError: naming the flag, for arguments that cannot work (checked before compiling).
-    """
-    if num < 1:
-        raise ValueError(f"--num={num}; sample at least one image.")
-    if top_k < 0 or not 0 < top_p <= 1 or temperature <= 0:
-        raise ValueError(f"--top_k={top_k} must be >= 0, --top_p={top_p} in (0, 1], "
-                         f"--temperature={temperature} > 0.")
-    params, frozen, sc, _ = load_for_sampling(workdir)
-    gh, gw = sc.grid
-    if (height or gh) < gh or (width or gw) < gw:
-        raise ValueError(f"--height/--width ({height}x{width}) must be at least the training "
-                         f"grid {gh}x{gw} codes.")
-    prefix = class_rows(sc.conditioning, class_ids, num)
-    images = sample_images(params, frozen, sc, prefix, jax.random.key(seed), height=height,
-                           width=width, top_k=top_k, top_p=top_p, temperature=temperature,
-                           guidance_scale=guidance_scale)
-    grid = image_grid(images, max(1, len(class_ids)))
-    loop.write_png(out, grid)
-    return grid
