@@ -96,3 +96,10 @@ def test_console_hides_other_libraries_info_and_draws_a_bar_on_a_terminal():
     progress.step()
     progress.close()
     assert "3/4" in out.getvalue() and "loss 0.1250, 10.0 img/s" in out.getvalue()
+    # Evaluation and sampling batches: a bar on a terminal, nothing (the same items) elsewhere.
+    out = Terminal()
+    assert list(console.bar(iter(range(3)), 3, "evaluate", stream=out)) == [0, 1, 2]
+    assert "evaluate" in out.getvalue() and "3/3" in out.getvalue()
+    items = iter(range(3))
+    assert console.bar(items, 3, "evaluate", stream=io.StringIO()) is items
+    assert console.bar(items, 3, "evaluate", process_index=1, stream=Terminal()) is items

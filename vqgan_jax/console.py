@@ -4,6 +4,7 @@
   clu's per-step metric lines and work-unit notes, jax) are hidden on the console unless
   ``--verbosity=1`` (absl's flag) or more; vqgan_jax's INFO messages and everyone's warnings
   and errors stay. TensorBoard events and ``scalars.jsonl`` are written as before.
+- :func:`bar`: a bar over evaluation and sampling batches on a terminal.
 - :class:`Progress`: training progress, a live tqdm bar on a terminal (step, loss, img/s, ETA),
   else a plain log line every ``log_every_steps``.
 """
@@ -13,9 +14,12 @@ import logging as std_logging
 import os
 import sys
 import time
+from collections.abc import Iterable
+from typing import TypeVar
 
 from absl import flags, logging
 
+T = TypeVar("T")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
@@ -37,6 +41,18 @@ def quiet_logs() -> None:
     if flags.FLAGS.is_parsed() and flags.FLAGS["verbosity"].value >= 1:
         return
     logging.get_absl_handler().addFilter(_FILTER)
+
+
+def bar(iterable: Iterable[T], total: int, desc: str, *, process_index: int = 0,
+        stream=None) -> Iterable[T]:
+    """``iterable`` with a tqdm bar of ``total`` items (evaluation and sampling batches) on a
+    terminal (stderr a TTY, process 0); elsewhere ``iterable`` itself, printing nothing."""
+    stream = stream or sys.stderr
+    if process_index != 0 or not stream.isatty():
+        return iterable
+    import tqdm
+    return tqdm.tqdm(iterable, total=total, desc=desc, unit="batch", file=stream,
+                     dynamic_ncols=True)
 
 
 class Progress:

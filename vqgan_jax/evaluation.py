@@ -32,7 +32,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from vqgan_jax import metrics, parallel, workdir as workdir_lib
+from vqgan_jax import console, metrics, parallel, workdir as workdir_lib
 from vqgan_jax.data import pipeline, sources
 from vqgan_jax.models import inception
 from vqgan_jax.models.lpips import load_lpips_params
@@ -143,7 +143,9 @@ def write_reference_stats(path: str, *, dataset: str, split: str, inception_weig
     n = _resolve_num_images(source, num_images)
     step_fn = metrics.jit_inception_step(mesh)
     stats = metrics.FeatureStats()
-    for x, mask in image_batches(source, n, image_size=image_size, batch_size=batch_size):
+    batches = image_batches(source, n, image_size=image_size, batch_size=batch_size)
+    for x, mask in console.bar(batches, -(-n // batch_size), "evaluate",
+                               process_index=jax.process_index()):
         batch = parallel.global_batch({"x": x, "mask": mask}, mesh)
         out = step_fn(variables, batch["x"], batch["mask"])
         stats.add_moments(*jax.device_get((out["count"], out["mean"], out["scatter"])))
@@ -351,7 +353,9 @@ def evaluate_workdir(workdir: str, *, dataset: str | None = None, split: str = "
     grid_x, grid_x_hat = [], []
     logging.info("Evaluating %s step %d on %s/%s: %d images at %dx%d, batch %d", workdir, step,
                  dataset, split, n, image_size, image_size, batch_size)
-    for x, mask in image_batches(source, n, image_size=image_size, batch_size=batch_size):
+    batches = image_batches(source, n, image_size=image_size, batch_size=batch_size)
+    for x, mask in console.bar(batches, -(-n // batch_size), "evaluate",
+                               process_index=jax.process_index()):
         batch = parallel.global_batch({"x": x, "mask": mask}, mesh)
         out = step_fn(g_params, lpips_params, batch["x"], batch["mask"], vq=vq)
         if inception_vars is not None:
@@ -476,7 +480,9 @@ def evaluate_samples(workdir: str, *, num_samples: int, inception_weights: str,
                 top_p=top_p, temperature=temperature, guidance_scale=guidance_scale), -1, 1)
 
     logging.info("Sampling %d images from %s step %d for FID/IS", num_samples, workdir, step)
-    stats, probs = metrics.inception_outputs(sample_batches(), inception_vars, mesh=mesh,
+    batches = console.bar(sample_batches(), -(-num_samples // batch_size), "sample",
+                          process_index=jax.process_index())
+    stats, probs = metrics.inception_outputs(batches, inception_vars, mesh=mesh,
                                              batch_size=batch_size, with_probs=True)
     splits = 10 if num_samples >= 10 else 1  # the original code's 10 splits, when there are 10
     is_mean, is_std = metrics.inception_score_from_probs(probs, splits)
