@@ -1,6 +1,6 @@
 """Long-run memory check: the demo config trained for 3x its steps, resident memory sampled.
 
-    python benchmarks/memory_soak.py --workdir=/tmp/soak            # 3 x 1000 demo steps
+    python benchmarks/memory_soak.py --workdir=/tmp/soak            # 3 x 800 demo steps
     python benchmarks/memory_soak.py --workdir=/tmp/soak --factor=1 --interval_s=5
 
 Runs ``python -m vqgan_jax.main --config=configs/demo.py`` in a child process (in a fresh
@@ -27,7 +27,7 @@ _INTERVAL = flags.DEFINE_float("interval_s", 10.0, "Seconds between memory sampl
 _WARMUP = flags.DEFINE_float("warmup_fraction", 0.2, "Fraction of steps counted as warm-up.")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-DEMO_STEPS = 1000  # configs/demo.py num_train_steps
+DEMO_STEPS = 800  # configs/demo.py num_train_steps
 
 
 def rss_mib(pid: int) -> float | None:

@@ -16,7 +16,7 @@ def get_config():
     c.image_size = 64
     c.min_crop_scale = 0.25
     c.batch_size = 8
-    c.num_train_steps = 400
+    c.num_train_steps = 300
     c.conditioning = "class"
     c.num_classes = 6                   # the demo's six training photos
     c.class_drop_prob = 0.1
