@@ -79,13 +79,14 @@ def test_cosine_schedule_warms_up_then_decays_to_its_final_fraction():
     config.optimizer.update(lr_schedule="cosine", warmup_steps=10, final_lr_fraction=0.1)
     config.num_train_steps = 110
     schedule, peak = T.learning_rate_schedule(config), T.learning_rate(config)
-    # Linear warmup from 0; then peak * (f + (1 - f) * (1 + cos(pi * t / 100)) / 2).
-    expected = {0: 0.0, 5: peak / 2, 10: peak, 60: peak * 0.55, 110: peak * 0.1, 200: peak * 0.1}
+    # Linear warmup from peak / 10; then peak * (f + (1 - f) * (1 + cos(pi * t / 100)) / 2).
+    expected = {0: peak / 10, 5: peak * 0.55, 10: peak, 60: peak * 0.55, 110: peak * 0.1,
+                200: peak * 0.1}
     for step, lr in expected.items():
         np.testing.assert_allclose(float(schedule(step)), lr, rtol=1e-6, atol=1e-12 * peak)
     config.num_train_steps = 4   # a trial run: the warmup is cut to half of it
     schedule = T.learning_rate_schedule(config)
-    for step, lr in {0: 0.0, 1: peak / 2, 2: peak, 3: peak * 0.55, 4: peak * 0.1}.items():
+    for step, lr in {0: peak / 2, 1: peak * 0.75, 2: peak, 3: peak * 0.55, 4: peak * 0.1}.items():
         np.testing.assert_allclose(float(schedule(step)), lr, rtol=1e-6, atol=1e-12 * peak)
 
 

@@ -324,7 +324,7 @@ def test_unknown_kind_and_inconsistent_sizes_fail_naming_the_field():
     with pytest.raises(ValueError, match="ema_dacay"):
         Q.make_quantizer("ema_vq", 8, 3, ema_dacay=0.9)
     config = load_config("demo")
-    config.quantizer.kind = "vqq"
+    config.quantizer.update(kind="vqq", restart_unused_steps=0)  # restarts are for vq, ema_vq
     with pytest.raises(ValueError, match=r"config.quantizer.kind='vqq'.*'fsq', 'lfq'"):
         T.validate_config(config, num_devices=1)
     config.quantizer.kind = "lfq"
@@ -374,6 +374,7 @@ def _tiny_state(kind, **knobs):
                         l2_normalize_codes=False, norm_groups=4, embed_dim=3)
     config.disc.update(ndf=4, n_layers=1)
     config.loss.update(disc_start=0, perceptual_weight=0.0)
+    config.quantizer.restart_unused_steps = 0  # the demo's; knobs set it where a kind uses it
     config.quantizer.update(kind=kind, **knobs)
     config.model.n_embed = {"fsq": 24, "lfq": 8}.get(kind, 32)
     T.validate_config(config, num_devices=1)

@@ -128,8 +128,9 @@ def learning_rate(config: ml_collections.ConfigDict) -> float:
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.ScalarOrSchedule:
     """The peak :func:`learning_rate`, constant (taming) or, with ``optimizer.lr_schedule =
-    "cosine"``, reached by a linear warmup over ``optimizer.warmup_steps`` (at most half the run:
-    a short trial run of a recipe still decays) and then decayed along a half cosine to
+    "cosine"``, reached by a linear warmup over ``optimizer.warmup_steps`` from ``peak /
+    warmup_steps`` (the first update is not wasted; at most half the run: a short trial run of a
+    recipe still decays) and then decayed along a half cosine to
     ``optimizer.final_lr_fraction`` of itself at ``num_train_steps`` (SGDR, Loshchilov & Hutter
     2017, eq. 5 without restarts). Old configs without the field: constant."""
     o, peak = config.optimizer, learning_rate(config)
@@ -137,7 +138,7 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.ScalarOrS
         return peak
     warmup = min(o.warmup_steps, config.num_train_steps // 2)
     return optax.warmup_cosine_decay_schedule(
-        0.0, peak, warmup, config.num_train_steps, peak * o.final_lr_fraction)
+        peak / max(warmup, 1), peak, warmup, config.num_train_steps, peak * o.final_lr_fraction)
 
 
 def build_step_config(config: ml_collections.ConfigDict) -> StepConfig:
