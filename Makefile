@@ -51,7 +51,7 @@ demo: $(STAMP)
 # so its module fixtures are built once); prints the suite's wall time.
 test: $(TEST_STAMP)
 	@t0=$(now); \
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=15; rc=$$?; \
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=30; rc=$$?; \
 	echo "test suite wall time: $(call since,$$t0) s"; exit $$rc
 
 clean:
