@@ -47,11 +47,10 @@ demo: $(STAMP)
 	  echo "  stage 2, GPT:                  $$s2 s"; \
 	  echo "  sliding-window sample:         $$s3 s"; } | tee runs/demo/demo_times.txt
 
-# Two pytest workers, one per CPU core (a file marked with an xdist_group stays on one worker,
-# so its module fixtures are built once); prints the suite's wall time.
+# Two pytest workers, one per CPU core; prints the suite's wall time and the 30 slowest tests.
 test: $(TEST_STAMP)
 	@t0=$(now); \
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=30; rc=$$?; \
+	$(BIN)/python -m pytest -q -n 2 --durations=30; rc=$$?; \
 	echo "test suite wall time: $(call since,$$t0) s"; exit $$rc
 
 clean:

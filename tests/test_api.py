@@ -15,10 +15,6 @@ from vqgan_jax.data import pipeline
 from vqgan_jax.trainers import loop
 from vqgan_jax.trainers import transformer as T
 
-# One worker runs this file and test_transformer.py (make test: --dist loadgroup), so their
-# fixtures, the session's tiny tokenizer and GPT among them, are built once.
-pytestmark = pytest.mark.xdist_group("stage2")
-
 
 @pytest.fixture(scope="module")
 def tok(tokenizer_workdir):

@@ -13,9 +13,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-# One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
-pytestmark = pytest.mark.xdist_group("convert")
-
 torch = pytest.importorskip("torch")  # the `test` extra pins torch==2.13.0 (CPU)
 
 import taming_reference as ref  # noqa: E402

@@ -18,9 +18,6 @@ from vqgan_jax.data import pipeline, sources
 from vqgan_jax.models.lpips import load_lpips_params
 from vqgan_jax.trainers import tokenizer
 
-# One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
-pytestmark = pytest.mark.xdist_group("evaluate")
-
 KEYS = {"psnr", "ssim", "lpips", "codebook_usage", "perplexity", "num_images", "step",
         "protocol", "notes"}
 

@@ -24,9 +24,6 @@ from conftest import ROOT
 from test_main import TINY, make_folder
 from vqgan_jax.trainers import loop
 
-# One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
-pytestmark = pytest.mark.xdist_group("faults")
-
 
 def env() -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu")

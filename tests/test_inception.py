@@ -12,9 +12,6 @@ from vqgan_jax.models import inception
 
 from conftest import random_inception_state_dict as random_state_dict
 
-# One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
-pytestmark = pytest.mark.xdist_group("inception")
-
 
 @pytest.fixture(scope="module")
 def weights_file(tmp_path_factory):

@@ -23,9 +23,6 @@ from vqgan_jax.trainers import loop
 from vqgan_jax.trainers import tokenizer as T1
 from vqgan_jax.trainers import transformer as T2
 
-# One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
-pytestmark = pytest.mark.xdist_group("sharding")
-
 MESHES = ((8, 1, 1), (4, 2, 1), (2, 2, 2), (1, 8, 1))   # (data, fsdp, tensor) on 8 devices
 
 

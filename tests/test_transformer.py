@@ -23,10 +23,6 @@ from vqgan_jax import parallel
 from vqgan_jax.models.gpt import GPT
 from vqgan_jax.trainers import transformer as T
 
-# One worker runs this file and test_api.py (make test: --dist loadgroup), so their fixtures,
-# the session's tiny tokenizer and GPT among them, are built once.
-pytestmark = pytest.mark.xdist_group("stage2")
-
 TRANSFORMER_CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.py")
                              if load_config(p.stem).stage == "transformer")
 # GPT parameters: 12 C^2 + 13 C a layer, (V + cond tokens) C + block_size C embeddings,

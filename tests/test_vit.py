@@ -23,9 +23,6 @@ from vqgan_jax.trainers import loop
 from vqgan_jax.trainers import tokenizer as T
 from vqgan_jax.trainers import transformer as stage2
 
-# One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
-pytestmark = pytest.mark.xdist_group("vit")
-
 TINY = dict(patch_size=4, enc_layers=1, enc_width=16, enc_heads=2, enc_mlp_dim=32,
             dec_layers=1, dec_width=24, dec_heads=2, dec_mlp_dim=40, embed_dim=4, n_embed=32)
 
