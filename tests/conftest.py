@@ -103,9 +103,9 @@ def tokenizer_workdir(tmp_path_factory):
     """
     import flax.linen as nn
     import jax.numpy as jnp
-    import orbax.checkpoint as ocp
     from PIL import Image
-    from vqgan_jax.trainers import loop
+    from vqgan_jax import workdir as workdir_lib
+    from vqgan_jax.models import registry
     from vqgan_jax.trainers import tokenizer as stage1
 
     root = tmp_path_factory.mktemp("stage1")
@@ -120,17 +120,12 @@ def tokenizer_workdir(tmp_path_factory):
     config.model.update(ch=8, ch_mult=(1, 2), attn_resolutions=(), z_channels=8,
                         embed_dim=4, n_embed=16, norm_groups=8)
     stage1.validate_config(config, num_devices=1)
-    vq = stage1.build_models(config)[0]
+    vq = registry.build_models(config)[0]
     abstract = jax.eval_shape(lambda: nn.meta.unbox(vq.init(jax.random.key(0),
                                                             jnp.zeros((1, 8, 8, 3)))["params"]))
     g_params = jax.tree.map(lambda a: rng.normal(0, 0.3, a.shape).astype(np.float32), abstract)
     state = dict(step=jnp.ones((), jnp.int32), g_params=g_params)
-    manager = loop.checkpoint_manager(str(root / "run"), max_to_keep=1,
-                                      item_names=("state", "data", "config"))
-    manager.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                            config=ocp.args.JsonSave(config.to_dict())))
-    manager.wait_until_finished()
-    manager.close()
+    workdir_lib.write_state(str(root / "run"), "tokenizer_workdir", 1, state, config)
     return str(root / "run")
 
 

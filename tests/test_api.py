@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 import vqgan_jax
-from vqgan_jax import api, cli, metrics
+from vqgan_jax import api, cli, metrics, sampling, workdir
 from vqgan_jax.data import pipeline
-from vqgan_jax.trainers import loop
-from vqgan_jax.trainers import transformer as T
+from vqgan_jax.models import registry
+from vqgan_jax.state import transformer as state2
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ def test_load_errors_name_the_path_and_the_fix(tokenizer_workdir, gpt_run, tmp_p
     with pytest.raises(ValueError, match=r"stage-1 \(tokenizer\) workdir; load it with "
                        r"vqgan_jax.load_tokenizer"):
         vqgan_jax.load_generator(tokenizer_workdir)
-    config = loop.read_config(tokenizer_workdir, "test")
+    config = workdir.read_config(tokenizer_workdir, "test")
     with pytest.raises(ValueError, match=r"config= is for checkpoint files"):
         vqgan_jax.load_tokenizer(tokenizer_workdir, config=config)
     (tmp_path / "notes.txt").write_text("hello")
@@ -139,9 +139,10 @@ def test_sample_is_the_sampler_padded_and_seeded(gen, gpt_run):
     batch of 4 padded to 8: the same images as sample_images draws unpadded on one device."""
     images = gen.sample(class_ids=[0, 1], num=2, top_k=4, top_p=0.9, seed=1)
     assert images.shape == (4, 8, 8, 3) and images.dtype == np.uint8
-    params, frozen, sc, _ = T.load_for_sampling(str(gpt_run[1]))
-    prefix = T.class_rows(sc.conditioning, [0, 1], 2)
-    expected = T.sample_images(params, frozen, sc, prefix, jax.random.key(1), top_k=4, top_p=0.9)
+    params, frozen, sc, _ = state2.load_for_sampling(str(gpt_run[1]))
+    prefix = sampling.class_rows(sc.conditioning, [0, 1], 2)
+    expected = sampling.sample_images(params, frozen, sc, prefix, jax.random.key(1), top_k=4,
+                                      top_p=0.9)
     np.testing.assert_array_equal(images, metrics.to_uint8(expected))
     np.testing.assert_array_equal(gen.sample(class_ids=[0, 1], num=2, top_k=4, top_p=0.9,
                                              seed=1), images)
@@ -174,7 +175,7 @@ def test_sample_refuses_bad_arguments_before_compiling(gen, monkeypatch, kwargs,
 def test_class_ids_given_to_an_unconditional_model():
     with pytest.raises(ValueError, match=r"class_ids=\[0\] was given but the model is "
                        "unconditional"):
-        T.class_rows(T.Conditioning("unconditional", vocab_size=16), [0], 1)
+        sampling.class_rows(registry.Conditioning("unconditional", vocab_size=16), [0], 1)
 
 
 def test_console_script_dispatches_and_names_its_subcommands(capsys):

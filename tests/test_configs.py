@@ -39,10 +39,10 @@ def test_config_trains_one_step_at_tiny_size(name):
     T.validate_config(config, num_devices=1)  # the real recipe is consistent
     config = shrink(config)
     T.validate_config(config, num_devices=1)
-    sc = T.build_step_config(config)
+    sc = state1.build_step_config(config)
     mesh = parallel.create_mesh(devices=jax.devices()[:1])
     state, shardings = loop.create_sharded_state(
-        functools.partial(T.init_state, sc=sc, image_size=config.image_size),
+        functools.partial(state1.init_state, sc=sc, image_size=config.image_size),
         jax.random.key(0), mesh, parallel.rules_from_config(config))
     lpips_params = load_lpips_params()
     step = T.jit_train_step(sc, mesh, shardings, lpips_params)
@@ -75,17 +75,17 @@ def test_bad_config_fails_naming_the_field(field, value, message):
 
 def test_cosine_schedule_warms_up_then_decays_to_its_final_fraction():
     config = load_config("imagenet_f16")
-    assert T.learning_rate_schedule(config) == T.learning_rate(config)  # taming: constant
+    assert state1.learning_rate_schedule(config) == state1.learning_rate(config)  # taming: constant
     config.optimizer.update(lr_schedule="cosine", warmup_steps=10, final_lr_fraction=0.1)
     config.num_train_steps = 110
-    schedule, peak = T.learning_rate_schedule(config), T.learning_rate(config)
+    schedule, peak = state1.learning_rate_schedule(config), state1.learning_rate(config)
     # Linear warmup from peak / 10; then peak * (f + (1 - f) * (1 + cos(pi * t / 100)) / 2).
     expected = {0: peak / 10, 5: peak * 0.55, 10: peak, 60: peak * 0.55, 110: peak * 0.1,
                 200: peak * 0.1}
     for step, lr in expected.items():
         np.testing.assert_allclose(float(schedule(step)), lr, rtol=1e-6, atol=1e-12 * peak)
     config.num_train_steps = 4   # a trial run: the warmup is cut to half of it
-    schedule = T.learning_rate_schedule(config)
+    schedule = state1.learning_rate_schedule(config)
     for step, lr in {0: peak / 2, 1: peak * 0.75, 2: peak, 3: peak * 0.55, 4: peak * 0.1}.items():
         np.testing.assert_allclose(float(schedule(step)), lr, rtol=1e-6, atol=1e-12 * peak)
 
@@ -102,6 +102,7 @@ class NoTensorflow(importlib.abc.MetaPathFinder):
             raise ImportError("tensorflow blocked by the test")
 sys.meta_path.insert(0, NoTensorflow())
 import vqgan_jax.main, vqgan_jax.trainers.tokenizer, vqgan_jax.trainers.loop as loop
+from vqgan_jax.state import tokenizer as state1
 writer = loop.create_writer({str(tmp_path)!r})
 writer.write_scalars(1, {{"loss": 0.5}})
 writer.flush()

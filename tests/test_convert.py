@@ -9,6 +9,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
@@ -17,10 +18,13 @@ torch = pytest.importorskip("torch")  # the `test` extra pins torch==2.13.0 (CPU
 
 import taming_reference as ref  # noqa: E402
 from conftest import ROOT, load_config, shrink  # noqa: E402
+from vqgan_jax import workdir as workdir_lib  # noqa: E402
 from vqgan_jax.interop import taming  # noqa: E402
+from vqgan_jax.models import registry  # noqa: E402
 from vqgan_jax.models.gpt import GPT  # noqa: E402
 from vqgan_jax.models.vqgan import VQModel  # noqa: E402
-from vqgan_jax.trainers import tokenizer as stage1  # noqa: E402
+from vqgan_jax.state import tokenizer as state1  # noqa: E402
+from vqgan_jax.state import transformer as state2  # noqa: E402
 
 TOL = 1e-4  # max |ours - torch| / max |torch|
 
@@ -66,7 +70,7 @@ def taming_vq():
 
 
 def convert(sd, config):
-    vq, disc = stage1.build_models(config)
+    vq, disc = registry.build_models(config)
     reader = taming.StateDictReader(sd, "test.ckpt")
     converted = taming.tokenizer_from_state_dict(reader, vq, disc, config.image_size)
     reader.check_all_used()
@@ -195,8 +199,6 @@ def test_cli_net2net_to_workdirs_loaded_by_the_sampler_and_back(tmp_path):
     """A Net2Net .ckpt through the CLI -> stage-2 + stage-1 workdirs; the sampler's loader reads
     them and reproduces minGPT's logits and taming's decoder; --to_taming gives back the VQModel
     tensors exactly."""
-    from vqgan_jax.trainers import transformer as stage2
-
     config = tiny_tokenizer_config()
     vq_model = torch_vqmodel(config, with_loss=False)
     vq_sd = ref.randomize(vq_model, seed=2)
@@ -215,7 +217,7 @@ def test_cli_net2net_to_workdirs_loaded_by_the_sampler_and_back(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Wrote the transformer workdir" in result.stdout
 
-    params, frozen, sc, saved = stage2.load_for_sampling(str(tmp_path / "stage2"))
+    params, frozen, sc, saved = state2.load_for_sampling(str(tmp_path / "stage2"))
     assert saved.tokenizer_workdir == str(tmp_path / "stage2" / "tokenizer")
     assert sorted(os.listdir(tmp_path / "stage2" / "checkpoints")) == ["11"]
     rng = np.random.default_rng(1)
@@ -253,11 +255,10 @@ def test_cli_net2net_to_workdirs_loaded_by_the_sampler_and_back(tmp_path):
 
 def test_cli_vqmodel_workdir_resumes_training(taming_vq, tmp_path):
     """A taming VQModel (with its discriminator and LPIPS keys) through the CLI; the trainer's
-    resume (loop.restore_state, as tokenizer.train_and_evaluate calls it) reads the converted
+    resume (workdir.restore_state, as tokenizer.train_and_evaluate calls it) reads the converted
     checkpoint, which has no data-iterator item, onto the mesh with the data pipeline built."""
     from vqgan_jax import parallel
     from vqgan_jax.data import pipeline, sources
-    from vqgan_jax.trainers import loop
 
     config, _, sd = taming_vq
     ckpt = tmp_path / "last.ckpt"
@@ -277,17 +278,17 @@ def test_cli_vqmodel_workdir_resumes_training(taming_vq, tmp_path):
         Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(images / f"{i}.png")
     config = tiny_tokenizer_config()
     config.dataset = f"folder:{images}"
-    sc = stage1.build_step_config(config)
+    sc = state1.build_step_config(config)
     mesh = parallel.create_mesh(config.mesh.data, config.mesh.fsdp)
     train_iter = pipeline.train_iterator(
         sources.get_source(config.dataset, config.train_split), image_size=32,
         global_batch_size=8, seed=0, min_crop_scale=0.5, crop_mode="random_resized")
-    abstract = jax.eval_shape(lambda k: stage1.init_state(k, sc=sc, image_size=32),
+    abstract = jax.eval_shape(lambda k: state1.init_state(k, sc=sc, image_size=32),
                               jax.random.key(0))
-    manager = loop.checkpoint_manager(str(workdir), max_to_keep=1,
-                                      item_names=("state", "data", "config"))
+    manager = workdir_lib.checkpoint_manager(str(workdir), max_to_keep=1,
+                                             item_names=("state", "data", "config"))
     assert manager.latest_step() == 7
-    state = loop.restore_state(manager, 7, loop.abstract_like(
+    state = workdir_lib.restore_state(manager, 7, workdir_lib.abstract_like(
         abstract, parallel.state_shardings(abstract, mesh)), train_iter)
     manager.close()
     assert int(state.step) == 7
@@ -298,4 +299,33 @@ def test_cli_vqmodel_workdir_resumes_training(taming_vq, tmp_path):
     assert all(np.all(np.asarray(m) == 0) for m in jax.tree.leaves(state.g_opt_state)
                if np.asarray(m).ndim)  # fresh Adam moments
     assert next(train_iter)["image"].shape == (8, 32, 32, 3)
-    assert loop.read_config(str(workdir), "--workdir").model.n_embed == 64
+    assert workdir_lib.read_config(str(workdir), "--workdir").model.n_embed == 64
+
+
+@pytest.mark.parametrize("ema_decay, lecam_weight", [(0.0, 0.0), (0.5, 0.1)])
+def test_converted_workdir_holds_the_state_training_would_make(taming_vq, tmp_path, ema_decay,
+                                                               lecam_weight):
+    """The converted state is made by the trainer's own init: a generator EMA (a copy of the
+    converted weights) and LeCAM anchors (zeros) exactly when the config asks for them, so a
+    run of that config resumes from it."""
+    config, _, sd = taming_vq
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.loss.update(ema_decay=ema_decay, lecam_weight=lecam_weight)
+    converted, _, _ = convert(sd, config)
+    workdir = taming.write_tokenizer_workdir(str(tmp_path / "run"), config, converted, step=3)
+    sc = state1.build_step_config(config)
+    abstract = jax.eval_shape(lambda k: state1.init_state(k, sc=sc, image_size=32),
+                              jax.random.key(0))
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = workdir_lib.abstract_like(abstract, jax.tree.map(lambda _: one_device, abstract))
+    manager = workdir_lib.checkpoint_manager(workdir, max_to_keep=1, item_names=("state",))
+    state = workdir_lib.restore_state(manager, 3, target, None)
+    manager.close()
+    assert (state.g_ema_params is None) == (ema_decay == 0)
+    assert (state.lecam_ema is None) == (lecam_weight == 0)
+    if ema_decay:
+        jax.tree.map(np.testing.assert_array_equal, state.g_ema_params, converted["g_params"])
+        np.testing.assert_array_equal(state.lecam_ema, np.zeros(2, np.float32))
+    np.testing.assert_array_equal(state.g_params["quantize"]["codebook"],
+                                  sd["quantize.embedding.weight"])
+    assert workdir_lib.read_config(workdir, "--workdir").loss.ema_decay == ema_decay

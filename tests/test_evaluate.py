@@ -13,8 +13,9 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, load_config, random_inception_state_dict, shrink
-from vqgan_jax import evaluation, metrics, parallel
+from vqgan_jax import evaluation, metrics, parallel, workdir
 from vqgan_jax.data import pipeline, sources
+from vqgan_jax.models import registry
 from vqgan_jax.models.lpips import load_lpips_params
 from vqgan_jax.trainers import tokenizer
 
@@ -74,10 +75,10 @@ def test_library_evaluation_with_rfid_and_reference_stats(trained):
     # On one device: replicated on the 8 simulated ones, each image would be computed 8 times
     # on the same CPU cores (the report above ran batch-sharded on all 8).
     mesh = parallel.create_mesh(devices=jax.devices()[:1])
-    config, g_params, _ = evaluation.restore_tokenizer(trained["workdir"], None, mesh)
+    config, g_params, _ = workdir.restore_tokenizer(trained["workdir"], None, mesh)
     source = sources.get_source(trained["dataset"], "validation")
     images = [pipeline.center_crop_resize(source[i]["image"], 32) for i in range(5)]
-    vq = tokenizer.build_models(config)[0]
+    vq = registry.build_models(config)[0]
     direct, _ = tokenizer.evaluate(g_params, load_lpips_params(), images, vq)
     for key in ("psnr", "ssim", "lpips", "codebook_usage", "perplexity"):
         np.testing.assert_allclose(report[key], direct[key], rtol=1e-4, err_msg=key)

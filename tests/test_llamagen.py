@@ -20,7 +20,7 @@ from test_convert import rel_err, run_convert  # noqa: E402
 from vqgan_jax.data import pipeline  # noqa: E402
 from vqgan_jax.interop import llamagen, taming  # noqa: E402
 from vqgan_jax.models.vqgan import VQModel  # noqa: E402
-from vqgan_jax.trainers import tokenizer as stage1  # noqa: E402
+from vqgan_jax.models import registry  # noqa: E402
 
 VQ16_PARAMS = 71_883_403   # sum of numel over LlamaGen VQ_16().parameters()
 
@@ -79,7 +79,7 @@ def test_full_size_parameter_counts_and_every_key(name, ch_mult, total):
         {k: np.broadcast_to(np.float32(0), s) for k, s in shapes.items()}, name)
     if name == "VQ-16":
         assert config.to_dict() == load_config("llamagen_vq16").to_dict()
-    vq, _ = stage1.build_models(config)
+    vq, _ = registry.build_models(config)
     ours = jax.eval_shape(lambda: nn.meta.unbox(vq.init(
         jax.random.key(0), jnp.zeros((1, 256, 256, 3)))["params"]))
     assert sum(x.size for x in jax.tree.leaves(ours)) == n_theirs == total
@@ -120,7 +120,7 @@ def test_round_trip_is_bit_exact_and_loads_strictly(llamagen_vq):
 def test_forward_passes_match_pytorch(llamagen_vq):
     model, sd = llamagen_vq
     config = tiny_config()
-    vq, _ = stage1.build_models(config)
+    vq, _ = registry.build_models(config)
     params = {"params": convert(sd, config)}
     x = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
     with torch.no_grad():
@@ -184,7 +184,7 @@ def test_files_in_memory_with_the_layout_read_off_the_file(llamagen_vq, tmp_path
     import vqgan_jax
     tok = vqgan_jax.load_tokenizer(path, config=tiny_config())
     images = np.random.default_rng(3).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
-    vq, _ = stage1.build_models(tiny_config())
+    vq, _ = registry.build_models(tiny_config())
     codes = vq.apply({"params": expected}, pipeline.to_unit_range(images),
                      method=VQModel.encode_to_indices)
     np.testing.assert_array_equal(tok.encode(images), codes)

@@ -15,6 +15,8 @@ from conftest import load_config, shrink
 from vqgan_jax.models import quantizers as Q
 from vqgan_jax.models.vqgan import VQModel
 from vqgan_jax.trainers import tokenizer as T
+from vqgan_jax.state import tokenizer as state1
+from vqgan_jax.models import registry
 
 KEY = jax.random.key(0)
 
@@ -357,7 +359,7 @@ def test_plain_vq_parameters_are_unchanged_by_the_quantizer_field():
     shapes = lambda model: jax.tree.map(jnp.shape, nn.meta.unbox(jax.eval_shape(
         lambda: model.init(KEY, jnp.zeros((1, 256, 256, 3))))))
     old = shapes(VQModel(**config.model.to_dict()))
-    new = shapes(T.build_models(config)[0])
+    new = shapes(registry.build_models(config)[0])
     assert old == new and set(new) == {"params"}
     assert set(new["params"]["quantize"]) == {"codebook"}
 
@@ -378,8 +380,8 @@ def _tiny_state(kind, **knobs):
     config.quantizer.update(kind=kind, **knobs)
     config.model.n_embed = {"fsq": 24, "lfq": 8}.get(kind, 32)
     T.validate_config(config, num_devices=1)
-    sc = T.build_step_config(config)
-    state = T.init_state(KEY, sc, image_size=8)
+    sc = state1.build_step_config(config)
+    state = state1.init_state(KEY, sc, image_size=8)
     batch = {"image": jax.random.uniform(jax.random.key(7), (2, 8, 8, 3), minval=-1, maxval=1)}
     return sc, state, batch
 
@@ -448,8 +450,8 @@ def test_fresh_quantizer_stats_for_given_parameters():
     sc, state, _ = _tiny_state("ema_vq", restart_unused_steps=3)
     codebook = state.g_params["quantize"]["codebook"] + 1.0
     g_params = dict(state.g_params, quantize={"codebook": codebook})
-    stats = T.init_quantizer_stats(sc.vq, g_params)["quantize"]
+    stats = state1.init_quantizer_stats(sc.vq, g_params)["quantize"]
     np.testing.assert_array_equal(stats["embed_sum"], g_params["quantize"]["codebook"])
     np.testing.assert_array_equal(stats["cluster_size"], 1.0)
     np.testing.assert_array_equal(stats["unused_steps"], 0)
-    assert T.init_quantizer_stats(_tiny_state("fsq", fsq_levels=(4, 3, 2))[0].vq, {}) == {}
+    assert state1.init_quantizer_stats(_tiny_state("fsq", fsq_levels=(4, 3, 2))[0].vq, {}) == {}

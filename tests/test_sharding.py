@@ -22,6 +22,10 @@ from vqgan_jax.models.vqgan import VQModel
 from vqgan_jax.trainers import loop
 from vqgan_jax.trainers import tokenizer as T1
 from vqgan_jax.trainers import transformer as T2
+from vqgan_jax import workdir as workdir_lib
+from vqgan_jax.state import tokenizer as state1
+from vqgan_jax.state import transformer as state2
+from vqgan_jax.models import registry
 
 MESHES = ((8, 1, 1), (4, 2, 1), (2, 2, 2), (1, 8, 1))   # (data, fsdp, tensor) on 8 devices
 
@@ -61,9 +65,9 @@ def tokenizer_setup():
     rounding-level gradients into +-lr), rules, initial state on the host, boxed abstract state
     and a batch of images. Made once: every mesh gets the same state by device_put."""
     config = tokenizer_config()
-    sc = dataclasses.replace(T1.build_step_config(config), g_tx=optax.sgd(0.1),
+    sc = dataclasses.replace(state1.build_step_config(config), g_tx=optax.sgd(0.1),
                              d_tx=optax.sgd(0.1))
-    init = functools.partial(T1.init_state, sc=sc, image_size=config.image_size)
+    init = functools.partial(state1.init_state, sc=sc, image_size=config.image_size)
     state = jax.device_get(jax.jit(init)(init_key(0)))
     boxed = jax.eval_shape(functools.partial(init, boxed=True), init_key(0))
     images = np.random.default_rng(7).uniform(-1, 1, (8, 16, 16, 3)).astype(np.float32)
@@ -108,13 +112,14 @@ def test_tokenizer_step_on_each_mesh_equals_one_device(shape, tokenizer_referenc
 def abstract_state(init, mesh, rules):
     """ShapeDtypeStructs of ``init``'s state carrying the shardings it gets on ``mesh``."""
     boxed = jax.eval_shape(functools.partial(init, boxed=True), jax.random.key(0))
-    return loop.abstract_like(parallel.unbox(boxed), parallel.state_shardings(boxed, mesh, rules))
+    return workdir_lib.abstract_like(parallel.unbox(boxed),
+                                     parallel.state_shardings(boxed, mesh, rules))
 
 
 def test_tokenizer_state_bytes_per_device_fall_as_fsdp_grows():
     config = tokenizer_config()
-    sc = T1.build_step_config(config)  # Adam for both models
-    init = functools.partial(T1.init_state, sc=sc, image_size=config.image_size)
+    sc = state1.build_step_config(config)  # Adam for both models
+    init = functools.partial(state1.init_state, sc=sc, image_size=config.image_size)
     per_device = []
     for fsdp in (1, 2, 8):
         state = abstract_state(init, parallel.create_mesh(-1, fsdp),
@@ -133,10 +138,10 @@ TINY_GPT = dict(block_size=16, n_layer=2, n_head=4, n_embd=64)
 
 def gpt_step_config(tx, remat=False):
     vq = VQModel(**TINY_VQ)
-    conditioning = T2.Conditioning("class", vq.n_embed, num_classes=2)
+    conditioning = registry.Conditioning("class", vq.n_embed, num_classes=2)
     gpt = GPT(vocab_size=vq.n_embed, n_cond_tokens=conditioning.n_cond_tokens, remat=remat,
               **TINY_GPT)
-    return T2.StepConfig(gpt=gpt, vq=vq, cond_vq=None, conditioning=conditioning, tx=tx,
+    return state2.StepConfig(gpt=gpt, vq=vq, cond_vq=None, conditioning=conditioning, tx=tx,
                          grid=(4, 4), cond_image_size=0, class_drop_prob=0.5, pkeep=0.8, seed=0)
 
 
@@ -144,7 +149,7 @@ def gpt_step_config(tx, remat=False):
 def gpt_setup():
     """Like :func:`tokenizer_setup` for the tiny GPT (SGD) and its frozen tokenizer."""
     sc = gpt_step_config(optax.sgd(0.5))
-    init = functools.partial(T2.init_state, sc=sc)
+    init = functools.partial(state2.init_state, sc=sc)
     state = jax.device_get(jax.jit(init)(init_key(0)))
     boxed = jax.eval_shape(functools.partial(init, boxed=True), init_key(0))
     x = jnp.zeros((1, 8, 8, 3))
@@ -191,7 +196,7 @@ def test_gpt_step_on_each_mesh_equals_one_device(shape, gpt_reference):
 
 
 def test_gpt_state_bytes_per_device_fall_as_fsdp_grows():
-    init = functools.partial(T2.init_state, sc=gpt_step_config(optax.adamw(1e-3)))
+    init = functools.partial(state2.init_state, sc=gpt_step_config(optax.adamw(1e-3)))
     per_device = []
     for fsdp in (1, 2, 8):
         state = abstract_state(init, parallel.create_mesh(-1, fsdp), TRANSFORMER_RULES)

@@ -16,6 +16,8 @@ from vqgan_jax import losses, parallel
 from vqgan_jax.models.lpips import load_lpips_params, lpips_fn
 from vqgan_jax.trainers import loop
 from vqgan_jax.trainers import tokenizer as T
+from vqgan_jax import workdir as workdir_lib
+from vqgan_jax.state import tokenizer as state1
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +30,10 @@ def tiny_setup(disc_start=0, devices=None, mesh_shape=(1, 1), **loss):
     config.model.l2_normalize_codes = False
     config.loss.disc_start = disc_start
     config.loss.update(loss)
-    sc = T.build_step_config(config)
+    sc = state1.build_step_config(config)
     mesh = parallel.create_mesh(*mesh_shape, devices=devices or jax.devices()[:1])
     state, shardings = loop.create_sharded_state(
-        functools.partial(T.init_state, sc=sc, image_size=config.image_size),
+        functools.partial(state1.init_state, sc=sc, image_size=config.image_size),
         jax.random.key(0), mesh, parallel.rules_from_config(config))
     images = jax.random.uniform(jax.random.key(7), (8, 32, 32, 3), minval=-1, maxval=1)
     batch = parallel.global_batch({"image": np.asarray(images)}, mesh)
@@ -161,13 +163,13 @@ def test_checkpoint_restore_gives_identical_next_step(lpips_params, tmp_path):
     _, sc, mesh, state, shardings, batch = tiny_setup(disc_start=1)
     step = T.jit_train_step(sc, mesh, shardings, lpips_params)
     state, _ = step(state, batch, lpips_params)
-    manager = loop.checkpoint_manager(str(tmp_path), max_to_keep=2, item_names=("state",))
+    manager = workdir_lib.checkpoint_manager(str(tmp_path), max_to_keep=2, item_names=("state",))
     manager.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
     manager.wait_until_finished()
     expected_state, expected = step(jax.tree.map(jnp.copy, state), batch, lpips_params)
 
     restored = manager.restore(1, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(loop.abstract_like(state, shardings))))["state"]
+        state=ocp.args.StandardRestore(workdir_lib.abstract_like(state, shardings))))["state"]
     got_state, got = step(restored, batch, lpips_params)
     manager.close()
     for k in expected:

@@ -22,6 +22,9 @@ from conftest import CONFIG_DIR, ROOT, load_config, tiny
 from vqgan_jax import parallel
 from vqgan_jax.models.gpt import GPT
 from vqgan_jax.trainers import transformer as T
+from vqgan_jax.state import transformer as state2
+from vqgan_jax.models import registry
+from vqgan_jax import sampling
 
 TRANSFORMER_CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.py")
                              if load_config(p.stem).stage == "transformer")
@@ -57,16 +60,16 @@ def absl_logs():
 @pytest.mark.parametrize("name", TRANSFORMER_CONFIGS)
 def test_transformer_config_counts_and_builds_at_tiny_size(name, tokenizer_workdir):
     config = load_config(name)
-    assert config.tokenizer_workdir and config.conditioning in T.CONDITIONINGS
+    assert config.tokenizer_workdir and config.conditioning in registry.CONDITIONINGS
     gpt = GPT(vocab_size=VOCAB[name], n_cond_tokens=config.num_classes + 1, **config.model)
     abstract = jax.eval_shape(gpt.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
     assert sum(math.prod(x.shape) for x in jax.tree.leaves(abstract)) == PARAMETER_COUNTS[name]
 
     config = tiny(config, tokenizer_workdir)
     T.validate_config(config, num_devices=8)
-    sc = T.build_step_config(config)
+    sc = state2.build_step_config(config)
     assert sc.grid == (4, 4) and sc.gpt.vocab_size == 16
-    state = jax.jit(functools.partial(T.init_state, sc=sc))(jax.random.key(0))
+    state = jax.jit(functools.partial(state2.init_state, sc=sc))(jax.random.key(0))
     codes = jnp.zeros((2, 16), jnp.int32)
     loss, _ = jax.jit(functools.partial(T.loss_fn, sc=sc, rng=None))(
         state.params, sc.conditioning.class_prefix(jnp.array([0, 1])), codes, codes)
@@ -79,7 +82,7 @@ def test_loss_covers_the_image_codes_only():
     params = jax.jit(gpt.init)(jax.random.key(1), jnp.zeros((1, 12), jnp.int32))["params"]
     params = jax.tree.map(lambda x: x * 30.0, jax.tree.map(
         lambda b: b.value, params, is_leaf=lambda b: hasattr(b, "names")))
-    sc = T.StepConfig(gpt=gpt, vq=None, cond_vq=None, conditioning=None, tx=None, grid=(3, 3),
+    sc = state2.StepConfig(gpt=gpt, vq=None, cond_vq=None, conditioning=None, tx=None, grid=(3, 3),
                       cond_image_size=0, class_drop_prob=0.0, pkeep=1.0, seed=0)
     rng = np.random.default_rng(0)
     prefix = jnp.asarray(8 + rng.integers(0, 4, (2, 4)))  # 4 condition tokens
@@ -98,15 +101,15 @@ def test_image_conditioning_prefixes_the_cond_stage_codes(tokenizer_workdir):
                   cond_image_size=4, pkeep=0.5)
     config.model.block_size = 4 + 16 - 1  # a 2x2 condition grid, then 4x4 codes
     T.validate_config(config, num_devices=8)
-    sc = T.build_step_config(config)
+    sc = state2.build_step_config(config)
     mesh = parallel.create_mesh()
-    frozen, _ = T.load_frozen(config, sc, mesh)
+    frozen, _ = state2.load_frozen(config, sc, mesh)
     images = np.random.default_rng(0).uniform(-1, 1, (8, 8, 8, 3)).astype(np.float32)
     batch = {"image": jnp.asarray(images), "label": jnp.zeros(8, jnp.int32)}
     prefix, codes = jax.jit(functools.partial(T.prefix_and_codes, sc=sc, rng=None))(batch, frozen)
     assert prefix.shape == (8, 4) and codes.shape == (8, 16)
     assert int(prefix.min()) >= 16 and int(prefix.max()) < 32  # cond codes after the 16 codes
-    state = jax.jit(functools.partial(T.init_state, sc=sc))(jax.random.key(0))
+    state = jax.jit(functools.partial(state2.init_state, sc=sc))(jax.random.key(0))
     loss, _ = jax.jit(functools.partial(T.loss_fn, sc=sc, rng=None))(state.params, prefix, codes,
                                                                      codes)
     assert abs(float(loss) - math.log(16)) < 0.5
@@ -176,10 +179,11 @@ def test_sample_fid_and_inception_score_of_a_stage2_workdir(gpt_run, tmp_path):
     weights = str(tmp_path / "inception.npz")
     np.savez(weights, **random_inception_state_dict())
 
-    params, frozen, sc, _ = T.load_for_sampling(workdir)
+    params, frozen, sc, _ = state2.load_for_sampling(workdir)
     rng, settings = jax.random.key(3), dict(top_k=4, top_p=0.9, temperature=1.0)
-    samples = [np.clip(T.sample_images(params, frozen, sc, T.class_rows(sc.conditioning, c, 1),
-                                       jax.random.fold_in(rng, i), **settings), -1, 1)
+    samples = [np.clip(sampling.sample_images(params, frozen, sc,
+                                              sampling.class_rows(sc.conditioning, c, 1),
+                                              jax.random.fold_in(rng, i), **settings), -1, 1)
                for i, c in enumerate(([0, 1, 0], [1, 0]))]  # batches of 3: classes j % 2
     mesh = parallel.create_mesh(devices=jax.devices()[:1])
     variables = inception.load_inception_params(weights)

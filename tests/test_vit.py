@@ -22,6 +22,10 @@ from vqgan_jax.models.vit_vqgan import ViTVQModel, patchify, unpatchify
 from vqgan_jax.trainers import loop
 from vqgan_jax.trainers import tokenizer as T
 from vqgan_jax.trainers import transformer as stage2
+from vqgan_jax import workdir as workdir_lib
+from vqgan_jax.state import tokenizer as state1
+from vqgan_jax.models import registry
+from vqgan_jax.state import transformer as state2
 
 TINY = dict(patch_size=4, enc_layers=1, enc_width=16, enc_heads=2, enc_mlp_dim=32,
             dec_layers=1, dec_width=24, dec_heads=2, dec_mlp_dim=40, embed_dim=4, n_embed=32)
@@ -87,7 +91,7 @@ def test_paper_configs_have_the_paper_sizes_and_counts(pair, sizes):
     assert (loss.codebook_weight, loss.disc_weight, loss.perceptual_weight,
             loss.logit_laplace_weight, loss.l2_weight, loss.l1_weight) == (1, 0.1, 0.1, 0.1, 1, 0)
     assert not loss.adaptive_disc_weight
-    vq, _ = T.build_models(config)
+    vq, _ = registry.build_models(config)
     x = jax.ShapeDtypeStruct((1, 256, 256, 3), jnp.float32)
     abstract = jax.eval_shape(vq.init, jax.random.key(0), x)
     assert n_params(abstract) == vit_param_count(m, 256) == PAPER_COUNTS[pair]
@@ -213,10 +217,10 @@ def vit_setup():
     config.loss.update(disc_start=0, adaptive_disc_weight=True, r1_weight=1.0, r1_every=2,
                        lecam_weight=0.5, lecam_ema_decay=0.9, ema_decay=0.5)
     T.validate_config(config, num_devices=1)
-    sc = T.build_step_config(config)
+    sc = state1.build_step_config(config)
     mesh = parallel.create_mesh(devices=jax.devices()[:1])
     state, shardings = loop.create_sharded_state(
-        functools.partial(T.init_state, sc=sc, image_size=16), jax.random.key(0), mesh)
+        functools.partial(state1.init_state, sc=sc, image_size=16), jax.random.key(0), mesh)
     images = np.random.default_rng(3).uniform(-1, 1, (8, 16, 16, 3)).astype(np.float32)
     return sc, mesh, state, shardings, parallel.global_batch({"image": images}, mesh)
 
@@ -252,7 +256,7 @@ def test_two_jitted_vit_steps_with_stylegan_r1_lecam_and_ema(lpips_params, vit_s
     np.testing.assert_allclose(
         s2.lecam_ema, 0.9 * expected + 0.1 * np.array([m2["logits_real"], m2["logits_fake"]]),
         rtol=1e-5)
-    assert T.eval_params(s2) is s2.g_ema_params
+    assert state1.eval_params(s2) is s2.g_ema_params
 
 
 def test_fused_vit_step_matches_reference_gradients(lpips_params, vit_setup):
@@ -283,7 +287,7 @@ def test_stage2_reads_a_vit_tokenizer_workdir(tmp_path, ema_decay):
     config.model.update(TINY)
     config.loss.ema_decay = ema_decay
     T.validate_config(config, num_devices=1)
-    vq = T.build_models(config)[0]
+    vq = registry.build_models(config)[0]
     abstract = jax.eval_shape(lambda: nn.meta.unbox(vq.init(
         jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]))
     rng = np.random.default_rng(0)
@@ -292,7 +296,7 @@ def test_stage2_reads_a_vit_tokenizer_workdir(tmp_path, ema_decay):
     state = dict(step=jnp.ones((), jnp.int32), g_params=g_params)
     if ema_decay:
         state["g_ema_params"] = g_ema
-    manager = loop.checkpoint_manager(str(tmp_path), max_to_keep=1,
+    manager = workdir_lib.checkpoint_manager(str(tmp_path), max_to_keep=1,
                                       item_names=("state", "data", "config"))
     manager.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                             config=ocp.args.JsonSave(config.to_dict())))
@@ -303,10 +307,10 @@ def test_stage2_reads_a_vit_tokenizer_workdir(tmp_path, ema_decay):
     gpt_config.update(tokenizer_workdir=str(tmp_path), image_size=16, num_classes=2)
     gpt_config.model.update(block_size=16, n_layer=1, n_head=2, n_embd=16)
     stage2.validate_config(gpt_config, num_devices=1)
-    sc = stage2.build_step_config(gpt_config)
+    sc = state2.build_step_config(gpt_config)
     assert isinstance(sc.vq, ViTVQModel) and sc.grid == (4, 4) and sc.gpt.vocab_size == 32
     mesh = parallel.create_mesh(devices=jax.devices()[:1])
-    frozen, _ = stage2.load_frozen(gpt_config, sc, mesh)
+    frozen, _ = state2.load_frozen(gpt_config, sc, mesh)
     expected = g_ema if ema_decay else g_params
     for a, b in zip(jax.tree.leaves(frozen["tokenizer"]), jax.tree.leaves(expected)):
         np.testing.assert_array_equal(a, b)

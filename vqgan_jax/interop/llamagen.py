@@ -46,8 +46,10 @@ import jax
 import ml_collections
 import numpy as np
 
+from vqgan_jax import workdir as workdir_lib
 from vqgan_jax.interop import taming
 from vqgan_jax.interop.taming import ConversionError, StateDictReader, TensorMap
+from vqgan_jax.models import registry
 
 ENTRY = "model"                        # the state dict's entry in their checkpoint files
 STEP_ENTRY = "steps"
@@ -108,7 +110,7 @@ def check_config(config: ml_collections.ConfigDict, field: str = "--config",
     m = config.model
     f = 2 ** (len(m.ch_mult) - 1)
     problems = []
-    if config.get("arch", "vqgan") != "vqgan":
+    if config.arch != "vqgan":
         problems.append(f"{field}.arch={config.arch!r} (LlamaGen's VQModel is the conv VQGAN: "
                         "'vqgan')")
     kind = config.get("quantizer", {}).get("kind", "vq")
@@ -179,10 +181,8 @@ def tokenizer_from_state_dict(reader: StateDictReader, config: ml_collections.Co
       ConversionError: naming a missing, misshapen or unknown key, or a config field that
         LlamaGen's model does not have (:func:`check_config`).
     """
-    from vqgan_jax.trainers import tokenizer as stage1
-
     check_config(config)
-    vq, disc = stage1.build_models(config)
+    vq, disc = registry.build_models(config)
     g, _, _ = taming.abstract_tokenizer(vq, disc, config.image_size)
     hint = "check that --config describes this model (config.model fields)"
     g_params: dict[str, Any] = {}
@@ -243,7 +243,7 @@ def tokenizer_from_llamagen(path: str, config: ml_collections.ConfigDict | None 
     Returns:
       ``(config, g_params)``: the config used and the parameters of
       :class:`vqgan_jax.models.vqgan.VQModel` (float32 numpy arrays), ready for
-      ``stage1.build_models(config)[0].apply({"params": g_params}, ...)``.
+      ``registry.build_models(config)[0].apply({"params": g_params}, ...)``.
 
     Raises:
       ConversionError: naming a missing, misshapen or unknown key, or the config field at
@@ -285,11 +285,9 @@ def convert_to_llamagen(workdir: str, path: str) -> dict[str, np.ndarray]:
       ConversionError: naming the workdir config's field LlamaGen's model lacks; ValueError
         naming --workdir.
     """
-    from vqgan_jax.trainers import loop
-
-    config = loop.read_config(loop.absolute(workdir), "--workdir")
-    if config.get("stage") != "tokenizer":
-        raise ConversionError(f"--workdir={workdir!r} holds a {config.get('stage')!r} run; "
+    config = workdir_lib.read_config(workdir_lib.absolute(workdir), "--workdir")
+    if config.stage != "tokenizer":
+        raise ConversionError(f"--workdir={workdir!r} holds a {config.stage!r} run; "
                               "--to_llamagen exports a stage-1 (tokenizer) workdir.")
     check_config(config, field="config", source=f"--workdir={workdir!r}: its config")
     saved = taming.read_tokenizer_workdir(workdir)

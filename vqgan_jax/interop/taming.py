@@ -54,9 +54,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+
+from vqgan_jax import parallel, workdir as workdir_lib
+from vqgan_jax.models import registry
+from vqgan_jax.state import tokenizer as stage1, transformer as stage2
 
 LPIPS_PREFIX = "loss.perceptual_loss."
 DISC_PREFIX = "loss.discriminator."
@@ -154,7 +157,6 @@ class StateDictReader:
       state_dict: ``{key: np.ndarray}``.
       source: how errors name the file (e.g. its path).
     """
-
     def __init__(self, state_dict: dict[str, np.ndarray], source: str):
         self.state_dict = state_dict
         self.source = source
@@ -473,21 +475,14 @@ def gpt_from_state_dict(reader: StateDictReader, gpt, cond_tokens: Sequence[int 
 
 # ----------------------------------------------------------------------------- workdirs
 
-def _fresh_manager(out: str, field: str, item_names: tuple[str, ...]) -> ocp.CheckpointManager:
-    from vqgan_jax.trainers import loop
-    directory = epath.Path(out) / "checkpoints"
-    if directory.exists() and ocp.utils.checkpoint_steps(directory):
-        raise ConversionError(f"{field}={out!r} already holds checkpoints; pass an empty or new "
-                              "directory.")
-    return loop.checkpoint_manager(out, max_to_keep=1, item_names=item_names)
-
-
 def write_tokenizer_workdir(out: str, config: ml_collections.ConfigDict, converted: dict[str, Any],
                             step: int, field: str = "--out") -> str:
-    """Write a stage-1 workdir: ``out/checkpoints/<step>`` with the items ``state`` (the
-    trainer's TrainState: the converted parameters, fresh Adam states; a discriminator fresh
-    from ``config.seed`` when ``converted`` has none) and ``config`` (JSON). There is no ``data``
-    item: resuming starts the data iterator afresh.
+    """Write a stage-1 workdir: ``out/checkpoints/<step>`` with the items ``state`` (the state
+    a training run of ``config`` starts from, :func:`vqgan_jax.state.tokenizer.init_state`,
+    holding the converted parameters: fresh Adam states, a discriminator fresh from
+    ``config.seed`` when ``converted`` has none, the generator EMA and LeCAM anchors exactly
+    when ``config.loss`` asks for them) and ``config`` (JSON). There is no ``data`` item:
+    resuming starts the data iterator afresh.
 
     Returns:
       ``out`` as an absolute path.
@@ -496,28 +491,22 @@ def write_tokenizer_workdir(out: str, config: ml_collections.ConfigDict, convert
       ValueError: naming the config field that cannot work, or ``field`` when ``out`` already
         holds checkpoints.
     """
-    from vqgan_jax.trainers import loop
-    from vqgan_jax.trainers import tokenizer as stage1
-
-    stage1.validate_config(config, num_devices=1)
-    out = loop.ensure_writable_workdir(out)
+    out = workdir_lib.ensure_writable_workdir(out)
     sc = stage1.build_step_config(config)
+    state = jax.jit(functools.partial(stage1.init_state, sc=sc, image_size=config.image_size))(
+        jax.random.key(config.seed))
     g_params = jax.tree.map(jnp.asarray, converted["g_params"])
     if converted["d_params"] is None:
-        x = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
-        d_vars = jax.jit(lambda key: nn.meta.unbox(sc.disc.init(key, x, train=False)))(
-            jax.random.key(config.seed))
-        d_params, d_batch_stats = d_vars["params"], d_vars["batch_stats"]
         logging.info("No loss.discriminator in the checkpoint: a fresh discriminator is written.")
     else:
-        d_params = jax.tree.map(jnp.asarray, converted["d_params"])
-        d_batch_stats = jax.tree.map(jnp.asarray, converted["d_batch_stats"])
-    state = stage1.TrainState(step=jnp.asarray(step, jnp.int32), g_params=g_params,
-                              d_params=d_params, d_batch_stats=d_batch_stats,
-                              g_opt_state=sc.g_tx.init(g_params), d_opt_state=sc.d_tx.init(d_params),
-                              quantizer_stats=stage1.init_quantizer_stats(sc.vq, g_params))
-    _save(_fresh_manager(out, field, ("state", "config")), step, state, config)
-    return out
+        state = state.replace(d_params=jax.tree.map(jnp.asarray, converted["d_params"]),
+                              d_batch_stats=jax.tree.map(jnp.asarray, converted["d_batch_stats"]))
+    state = state.replace(
+        step=jnp.asarray(step, jnp.int32), g_params=g_params, g_opt_state=sc.g_tx.init(g_params),
+        d_opt_state=sc.d_tx.init(state.d_params),
+        quantizer_stats=stage1.init_quantizer_stats(sc.vq, g_params),
+        g_ema_params=None if state.g_ema_params is None else jax.tree.map(jnp.copy, g_params))
+    return _save(out, field, step, state, config)
 
 
 def write_transformer_workdir(out: str, config: ml_collections.ConfigDict, params: Any, step: int,
@@ -528,27 +517,20 @@ def write_transformer_workdir(out: str, config: ml_collections.ConfigDict, param
     Returns:
       ``out`` as an absolute path.
     """
-    from vqgan_jax.trainers import loop
-    from vqgan_jax.trainers import transformer as stage2
-
-    stage2.validate_config(config, num_devices=1)
-    out = loop.ensure_writable_workdir(out)
+    out = workdir_lib.ensure_writable_workdir(out)
     sc = stage2.build_step_config(config)
     params = jax.tree.map(jnp.asarray, params)
     state = stage2.TrainState(step=jnp.asarray(step, jnp.int32), params=params,
                               opt_state=sc.tx.init(params))
-    _save(_fresh_manager(out, field, ("state", "config")), step, state, config)
-    return out
+    return _save(out, field, step, state, config)
 
 
-def _save(manager: ocp.CheckpointManager, step: int, state: Any,
-          config: ml_collections.ConfigDict) -> None:
+def _save(out: str, field: str, step: int, state: Any, config: ml_collections.ConfigDict) -> str:
     try:
-        manager.save(step, force=True, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config.to_dict())))
-        manager.wait_until_finished()
-    finally:
-        manager.close()
+        workdir_lib.write_state(out, field, step, state, config)
+    except workdir_lib.WorkdirNotEmpty as e:
+        raise ConversionError(str(e)) from None
+    return out
 
 
 def read_tokenizer_workdir(workdir: str, field: str = "--workdir") -> dict[str, Any]:
@@ -559,23 +541,19 @@ def read_tokenizer_workdir(workdir: str, field: str = "--workdir") -> dict[str, 
       ValueError: naming ``field`` when ``workdir`` holds no checkpoint or is not stage 1.
       vqgan_jax.workdir.NoIntactCheckpoint: when no checkpoint restores.
     """
-    from vqgan_jax import parallel
-    from vqgan_jax.trainers import loop
-    from vqgan_jax.trainers import tokenizer as stage1
-
-    workdir = loop.absolute(workdir)
-    config = loop.read_config(workdir, field)
-    if config.get("stage") != "tokenizer":
+    workdir = workdir_lib.absolute(workdir)
+    config = workdir_lib.read_config(workdir, field)
+    if config.stage != "tokenizer":
         hint = (f" Its tokenizer is {config.tokenizer_workdir!r}."
                 if config.get("tokenizer_workdir") else "")
-        raise ConversionError(f"{field}={workdir!r} holds a {config.get('stage')!r} run; "
+        raise ConversionError(f"{field}={workdir!r} holds a {config.stage!r} run; "
                               f"--to_taming exports a stage-1 (tokenizer) workdir.{hint}")
-    vq, disc = stage1.build_models(config)
+    vq, disc = registry.build_models(config)
     mesh = parallel.create_mesh(devices=jax.devices()[:1])
-    targets = {name: loop.abstract_like(abstract, parallel.state_shardings(abstract, mesh))
+    targets = {name: workdir_lib.abstract_like(abstract, parallel.state_shardings(abstract, mesh))
                for name, abstract in zip(("g_params", "d_params", "d_batch_stats"),
                                          abstract_tokenizer(vq, disc, config.image_size))}
-    step, out = loop.restore_subtrees(workdir, field, targets)  # all from one intact step
+    step, out = workdir_lib.restore_subtrees(workdir, field, targets)  # all from one intact step
     return {"step": step, **out}
 
 
@@ -604,8 +582,6 @@ def convert_from_taming(path: str, config: ml_collections.ConfigDict, out: str, 
     Raises:
       ConversionError / ValueError: naming the key or flag at fault.
     """
-    from vqgan_jax.trainers import tokenizer as stage1
-
     state_dict, file_step = load_state_dict(path, trust_pickle)
     reader = StateDictReader(state_dict, path)
     step = step if step is not None else (file_step or 0)
@@ -613,9 +589,6 @@ def convert_from_taming(path: str, config: ml_collections.ConfigDict, out: str, 
     if not is_net2net:
         converted = _vqmodel_from_reader(reader, path, config)
         return {"tokenizer": write_tokenizer_workdir(out, config, converted, step)}
-
-    from vqgan_jax.trainers import loop
-    from vqgan_jax.trainers import transformer as stage2
 
     if config.stage != "transformer":
         raise ConversionError(f"{path} is a taming Net2NetTransformer; pass a stage-2 --config "
@@ -635,14 +608,13 @@ def convert_from_taming(path: str, config: ml_collections.ConfigDict, out: str, 
     else:
         raise ConversionError(f"--config has conditioning={config.conditioning!r}; taming "
                               "checkpoints convert as 'class' or 'unconditional'.")
-    vq, disc = stage1.build_models(tokenizer_config)
+    vq, disc = registry.build_models(tokenizer_config)
     converted = tokenizer_from_state_dict(reader, vq, disc, tokenizer_config.image_size,
                                           prefix=FIRST_STAGE_PREFIX)
-    tokenizer_out = loop.absolute(tokenizer_out or str(epath.Path(out) / "tokenizer"))
+    tokenizer_out = workdir_lib.absolute(tokenizer_out or str(epath.Path(out) / "tokenizer"))
     config = ml_collections.ConfigDict(config.to_dict())
     config.tokenizer_workdir = tokenizer_out
-    gpt = stage2.GPT(vocab_size=vq.n_embed, n_cond_tokens=len(cond_tokens),
-                     **config.model.to_dict())
+    gpt, _ = registry.build_transformer(config, vq)
     params = gpt_from_state_dict(reader, gpt, cond_tokens)
     reader.check_all_used(hint="check that --config (config.model) and --tokenizer_config "
                           "describe this model")
@@ -654,13 +626,12 @@ def convert_from_taming(path: str, config: ml_collections.ConfigDict, out: str, 
 
 def _vqmodel_from_reader(reader: StateDictReader, path: str, config: ml_collections.ConfigDict
                          ) -> dict[str, Any]:
-    from vqgan_jax.trainers import tokenizer as stage1
     if reader.has_prefix(GPT_PREFIX) or config.stage != "tokenizer":
         raise ConversionError(
             f"{path} is a taming {'Net2NetTransformer' if reader.has_prefix(GPT_PREFIX) else 'VQModel'}"
             f" and config.stage is {config.stage!r}: a VQModel file (no transformer.* keys) goes "
             "with a stage-1 config (e.g. configs/imagenet_f16.py).")
-    vq, disc = stage1.build_models(config)
+    vq, disc = registry.build_models(config)
     converted = tokenizer_from_state_dict(reader, vq, disc, config.image_size)
     reader.check_all_used(hint="check that --config describes this model (config.model / "
                           "config.disc); Gumbel or EMA quantizers do not convert")

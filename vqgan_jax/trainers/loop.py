@@ -1,7 +1,6 @@
 """What every trainer shares: sharded state creation, checkpoints, writers, config checks."""
 
 import functools
-import json
 import os
 import signal
 import threading
@@ -13,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-from etils import epath
 from jax.sharding import Mesh
 
 from vqgan_jax import console, parallel, workdir as workdir_lib
@@ -70,7 +68,7 @@ def compile_step(step_fn: Any, args: tuple, *, mesh: Mesh, rules: parallel.Rules
                  mib("argument_bytes"), mib("output_bytes"), mib("alias_bytes"),
                  mib("temp_bytes"), mib("generated_code_bytes"), stats.get("flops") or 0.0)
     if workdir is not None and jax.process_index() == 0:
-        write_json(os.path.join(workdir, "compile_stats.json"), stats)
+        workdir_lib.write_json(os.path.join(workdir, "compile_stats.json"), stats)
     return compiled
 
 
@@ -113,84 +111,6 @@ def compile_stats(compiled: Any) -> dict[str, float | None]:
         stats["bytes_accessed"] = (float(cost["bytes accessed"]) if "bytes accessed" in cost
                                    else None)
     return stats
-
-
-def checkpoint_manager(workdir: str, *, max_to_keep: int,
-                       item_names: tuple[str, ...]) -> ocp.CheckpointManager:
-    """An async orbax CheckpointManager in ``workdir/checkpoints``; steps name the folders. A
-    failed save raises :class:`vqgan_jax.workdir.SaveFailed` (at the next save or wait)."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
-                                           enable_async_checkpointing=True, create=True)
-    return workdir_lib.CheckpointManager(epath.Path(workdir) / "checkpoints",
-                                         item_names=item_names, options=options)
-
-
-def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
-                  train_iter: Any) -> Any:
-    """Restore ``state`` of checkpoint ``step`` onto the shardings ``abstract_state`` carries,
-    and the data iterator ``train_iter`` in place when the checkpoint has a ``data`` item.
-
-    Checkpoints converted from other projects (:mod:`vqgan_jax.interop`) have none: the data
-    iterator then starts from its beginning.
-    """
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
-    if (epath.Path(manager.directory) / str(step) / "data").exists():
-        import grain  # Only the training job needs the data loader's checkpointing.
-        items["data"] = grain.checkpoint.CheckpointRestore(train_iter)
-    else:
-        logging.warning("Checkpoint %d has no data iterator state; the data starts afresh.", step)
-    return manager.restore(step, args=ocp.args.Composite(**items))["state"]
-
-
-class RunCheckpoints:
-    """A training run's orbax checkpoints in ``workdir/checkpoints``: the state, the data
-    iterator's position and the config, saved together (async) and restored together.
-
-    Attributes:
-      manager: the :class:`orbax.checkpoint.CheckpointManager` (``wait_until_finished`` and
-        ``close`` it when the run ends).
-    """
-
-    def __init__(self, workdir: str, config: Any, train_iter: Any):
-        self.manager = checkpoint_manager(workdir, max_to_keep=config.max_checkpoints_to_keep,
-                                          item_names=("state", "data", "config"))
-        self._train_iter = train_iter
-        self._config = config.to_dict()
-
-    def restore_latest(self, state: Any, shardings: Any) -> Any:
-        """``state`` from the newest intact checkpoint onto ``shardings`` (the data iterator is
-        restored in place), or ``state`` itself when there is none. Newer damaged checkpoints
-        are named in a warning and moved to ``WORKDIR/damaged_checkpoints/``.
-
-        Raises:
-          vqgan_jax.workdir.NoIntactCheckpoint: when no checkpoint restores (none is moved).
-        """
-        steps = self.manager.all_steps()
-        if not steps:
-            return state
-        target = abstract_like(state, shardings)
-        step, state = workdir_lib.restore_newest(
-            self.manager.directory,
-            lambda s: restore_state(self.manager, s, target, self._train_iter), steps)
-        if damaged := [s for s in steps if s > step]:
-            workdir_lib.set_aside(self.manager.directory, damaged)
-            self.manager.reload()
-        logging.info("Resumed from %s at step %d", self.manager.directory, step)
-        return state
-
-    def save(self, state: Any, step: int, force: bool = False) -> None:
-        """Save ``state``, the data iterator and the config as checkpoint ``step`` (async)."""
-        import grain  # Only the training job needs the data loader's checkpointing.
-        self.manager.save(step, force=force, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=grain.checkpoint.CheckpointSave(self._train_iter),
-            config=ocp.args.JsonSave(self._config)))
-
-
-def abstract_like(state: Any, shardings: Any) -> Any:
-    """ShapeDtypeStructs carrying ``shardings``: the restore target that puts arrays on the mesh."""
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        state, shardings)
 
 
 def create_writer(workdir: str) -> metric_writers.MetricWriter:
@@ -398,136 +318,3 @@ class Preemption:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
-
-
-def ensure_writable_workdir(workdir: str) -> str:
-    """Create ``workdir`` (local or gs://) and check that a file can be written in it.
-
-    Returns:
-      The workdir as an absolute path (orbax needs one) or the URL unchanged.
-
-    Raises:
-      ValueError: naming ``--workdir`` when it cannot be created or written.
-    """
-    path = epath.Path(workdir)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write_probe_{jax.process_index()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ValueError(f"--workdir={workdir} is not writable ({e}); pass a directory you "
-                         "can write to.") from e
-    return workdir if "://" in workdir else os.path.abspath(workdir)
-
-
-def write_json(path: str, obj: dict) -> None:
-    """Write ``obj`` as indented JSON (local or gs:// paths), replacing any previous file whole."""
-    path = epath.Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    tmp.replace(path)
-    logging.info("Wrote %s", path)
-
-
-def write_png(path: str, image) -> None:
-    """Write a uint8[H, W, 3] array as PNG (local or gs:// paths)."""
-    import io
-    from PIL import Image
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    epath.Path(path).write_bytes(buffer.getvalue())
-
-
-def latest_step(workdir: str, field: str) -> int:
-    """The latest checkpoint step in ``workdir/checkpoints`` (skipping any this process found
-    damaged, :func:`vqgan_jax.workdir.restore_newest`).
-
-    Raises:
-      ValueError: naming ``field`` (the config field or flag that gave ``workdir``) when there
-        is no checkpoint there, and what to run to make one.
-    """
-    return max(_steps_to_try(workdir, field, None))
-
-
-def _steps_to_try(workdir: str, field: str, step: int | None) -> list[int]:
-    """Every finished step of ``workdir`` (the newest intact one is used), or ``[step]``.
-
-    Raises:
-      ValueError: naming ``field`` when there is no checkpoint, or ``step`` when there is none
-        at that step.
-    """
-    directory = epath.Path(workdir) / "checkpoints"
-    steps = workdir_lib.checkpoint_steps(directory)
-    if not steps:
-        raise ValueError(
-            f"{field}={workdir!r} holds no checkpoint ({directory} has no step folder); train "
-            "that stage first, e.g. `make demo` for runs/demo or `python -m vqgan_jax.main "
-            f"--config=configs/<recipe>.py --workdir={workdir}`.")
-    if step is not None and step not in steps:
-        raise ValueError(f"step={step}: {field}={workdir!r} has no checkpoint at that step "
-                         f"(it has {steps}); pass one of them or step=None for the newest.")
-    return steps if step is None else [step]
-
-
-def read_config(workdir: str, field: str, step: int | None = None):
-    """The ml_collections config saved with the latest readable checkpoint of ``workdir`` (or
-    with checkpoint ``step``).
-
-    JSON lists come back as tuples, as the recipes write them (modules need hashable fields).
-
-    Raises:
-      ValueError: as :func:`latest_step`; naming ``step`` when there is no such checkpoint.
-      vqgan_jax.workdir.NoIntactCheckpoint: when no checkpoint's config can be read.
-    """
-    import ml_collections
-    steps = _steps_to_try(workdir, field, step)
-    directory = epath.Path(workdir) / "checkpoints"
-    as_tuples = lambda x: tuple(x) if isinstance(x, list) else x
-    _, config = workdir_lib.restore_newest(directory, lambda step: json.loads(
-        (directory / str(step) / "config" / "metadata").read_text(),
-        object_hook=lambda d: {k: as_tuples(v) for k, v in d.items()}), steps)
-    return ml_collections.ConfigDict(config)
-
-
-def restore_subtree(workdir: str, field: str, name: str, abstract: Any,
-                    step: int | None = None) -> Any:
-    """Restore only ``state.<name>`` of the latest intact checkpoint in ``workdir`` (or of
-    checkpoint ``step``), onto the shardings that ``abstract`` (ShapeDtypeStructs, see
-    :func:`abstract_like`) carries.
-
-    Raises:
-      As :func:`restore_subtrees`.
-    """
-    return restore_subtrees(workdir, field, {name: abstract}, step)[1][name]
-
-
-def restore_subtrees(workdir: str, field: str, abstract: dict[str, Any],
-                     step: int | None = None) -> tuple[int, dict]:
-    """Restore ``{name: state.<name>}`` for the names of ``abstract``, all from one checkpoint:
-    the newest that restores (damaged newer ones are named in a warning), or ``step``. The rest
-    of the saved state (optimizer states, a discriminator) is never read.
-
-    Returns:
-      ``(step, restored)``.
-
-    Raises:
-      ValueError: as :func:`read_config`.
-      vqgan_jax.workdir.NoIntactCheckpoint: when no checkpoint restores.
-    """
-    steps = _steps_to_try(workdir, field, step)
-    directory = epath.Path(workdir) / "checkpoints"
-    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
-
-    def restore(step):
-        with ocp.PyTreeCheckpointer() as checkpointer:
-            return checkpointer.restore(directory / str(step) / "state",
-                                        args=ocp.args.PyTreeRestore(item=abstract,
-                                                                    restore_args=restore_args,
-                                                                    partial_restore=True))
-    return workdir_lib.restore_newest(directory, restore, steps)
-
-
-def absolute(workdir: str) -> str:
-    """``workdir`` as an absolute path (orbax needs one); URLs (gs://...) unchanged."""
-    return workdir if "://" in workdir else os.path.abspath(workdir)

@@ -2,7 +2,7 @@
 
 The tokenizer is ``config.arch``: the conv VQGAN (:class:`VQModel`) or the ViT-VQGAN
 (:class:`ViTVQModel`, Yu et al. 2021); the discriminator ``config.disc.kind``: taming's PatchGAN
-or StyleGAN2's (see :func:`build_models`).
+or StyleGAN2's (see :func:`vqgan_jax.models.registry.build_models`).
 
 One jitted step updates the generator (encoder, quantizer, decoder) and the discriminator
 from one batch. No work is done twice:
@@ -21,13 +21,10 @@ anchors kept in the state; an EMA of the generator's weights, which evaluation, 
 ``python -m vqgan_jax.evaluate`` then use instead of the raw weights (:func:`eval_params`).
 """
 
-import dataclasses
 import functools
 import os
 from typing import Any
 
-import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -35,157 +32,16 @@ import numpy as np
 import optax
 from absl import logging
 
-from vqgan_jax import losses, parallel
+from vqgan_jax import losses, parallel, workdir as workdir_lib
+from vqgan_jax.evaluation import comparison_grid, score_reconstructions
 from vqgan_jax import metrics as metrics_lib
 from vqgan_jax.data import pipeline, sources
 from vqgan_jax.models import quantizers
-from vqgan_jax.models.discriminators import NLayerDiscriminator, StyleGANDiscriminator
 from vqgan_jax.models.lpips import load_lpips_params, lpips_fn
-from vqgan_jax.models.vit_vqgan import ViTVQModel
-from vqgan_jax.models.vqgan import VQModel
+from vqgan_jax.models.registry import ARCHS, DISCS, DTYPES, Tokenizer
+from vqgan_jax.state.tokenizer import (StepConfig, TrainState, build_step_config, eval_params,
+                                       init_state)
 from vqgan_jax.trainers import loop
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-# config.arch -> tokenizer class (its fields are config.model).
-ARCHS = {"vqgan": VQModel, "vit_vqgan": ViTVQModel}
-# config.disc.kind -> discriminator class and the config.disc fields it takes.
-DISCS = {
-    "patchgan": (NLayerDiscriminator, ("ndf", "n_layers")),
-    "stylegan": (StyleGANDiscriminator, ("channel_base", "channel_max", "mbstd_group_size",
-                                         "mbstd_num_features")),
-}
-Tokenizer = VQModel | ViTVQModel
-Discriminator = NLayerDiscriminator | StyleGANDiscriminator
-
-
-@flax.struct.dataclass
-class TrainState:
-    """Everything a step reads and writes; created sharded, donated to the step."""
-    step: jax.Array                 # int32[], steps done
-    g_params: Any                   # tokenizer params (float32)
-    d_params: Any                   # discriminator params (float32)
-    d_batch_stats: Any              # BatchNorm running statistics ({} for StyleGAN)
-    g_opt_state: optax.OptState
-    d_opt_state: optax.OptState
-    # The quantizer's training state (models.quantizers.STATS: EMA cluster sizes and sums,
-    # steps each code went unused); {} for plain VQ. Inference never reads it.
-    quantizer_stats: Any = flax.struct.field(default_factory=dict)
-    g_ema_params: Any = None        # EMA of g_params (loss.ema_decay > 0), else None
-    lecam_ema: Any = None           # float32[2] LeCAM anchors (mean D(real), mean D(fake)), or None
-
-
-@dataclasses.dataclass(frozen=True)
-class StepConfig:
-    """The static (hashable) pieces of a train step."""
-    vq: Tokenizer
-    disc: Discriminator
-    g_tx: optax.GradientTransformation
-    d_tx: optax.GradientTransformation
-    disc_start: int
-    disc_weight: float
-    disc_factor: float
-    disc_loss: str
-    codebook_weight: float
-    perceptual_weight: float
-    seed: int
-    # Fields added after the first workdirs were written: defaults keep their configs loading.
-    gen_loss: str = "hinge"
-    adaptive_disc_weight: bool = True
-    l1_weight: float = 1.0
-    l2_weight: float = 0.0
-    logit_laplace_weight: float = 0.0
-    r1_weight: float = 0.0
-    r1_every: int = 16
-    lecam_weight: float = 0.0
-    lecam_ema_decay: float = 0.999
-    ema_decay: float = 0.0
-
-    @property
-    def dtype(self):
-        return self.vq.dtype
-
-
-def build_models(config: ml_collections.ConfigDict) -> tuple[Tokenizer, Discriminator]:
-    """The tokenizer and discriminator described by the config.
-
-    ``config.arch`` picks the tokenizer class (:data:`ARCHS`), built from ``config.model``;
-    ``config.disc.kind`` the discriminator (:data:`DISCS`), built from its fields of
-    ``config.disc``. Configs saved before these fields existed mean "vqgan" and "patchgan".
-    """
-    dtype = DTYPES[config.dtype]
-    vq = ARCHS[config.get("arch", "vqgan")](
-        **config.model.to_dict(), resolution=config.image_size, dtype=dtype,
-        quantizer=quantizers.quantizer_fields(config.get("quantizer")))
-    disc_cls, fields = DISCS[config.disc.get("kind", "patchgan")]
-    disc = disc_cls(**{k: config.disc[k] for k in fields}, dtype=dtype)
-    return vq, disc
-
-
-def learning_rate(config: ml_collections.ConfigDict) -> float:
-    """taming's rule: base_learning_rate * global batch size."""
-    return config.optimizer.base_learning_rate * config.batch_size
-
-
-def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.ScalarOrSchedule:
-    """The peak :func:`learning_rate`, constant (taming) or, with ``optimizer.lr_schedule =
-    "cosine"``, reached by a linear warmup over ``optimizer.warmup_steps`` from ``peak /
-    warmup_steps`` (the first update is not wasted; at most half the run: a short trial run of a
-    recipe still decays) and then decayed along a half cosine to
-    ``optimizer.final_lr_fraction`` of itself at ``num_train_steps`` (SGDR, Loshchilov & Hutter
-    2017, eq. 5 without restarts). Old configs without the field: constant."""
-    o, peak = config.optimizer, learning_rate(config)
-    if o.get("lr_schedule", "constant") == "constant":
-        return peak
-    warmup = min(o.warmup_steps, config.num_train_steps // 2)
-    return optax.warmup_cosine_decay_schedule(
-        peak / max(warmup, 1), peak, warmup, config.num_train_steps, peak * o.final_lr_fraction)
-
-
-def build_step_config(config: ml_collections.ConfigDict) -> StepConfig:
-    vq, disc = build_models(config)
-    adam = functools.partial(optax.adam, learning_rate_schedule(config), b1=config.optimizer.b1,
-                             b2=config.optimizer.b2)
-    return StepConfig(vq=vq, disc=disc, g_tx=adam(), d_tx=adam(), seed=config.seed,
-                      **config.loss.to_dict())
-
-
-def init_state(rng: jax.Array, sc: StepConfig, image_size: int, boxed: bool = False
-               ) -> TrainState:
-    """Fresh parameters and optimizer states (float32), unboxed from their logical axes.
-
-    ``boxed=True`` keeps the ``nn.LogicallyPartitioned`` boxes on the parameters and their
-    optimizer states (for :func:`loop.create_sharded_state` to read the axis names).
-    ``g_ema_params`` starts as a copy of ``g_params`` (when ``ema_decay > 0``), the LeCAM
-    anchors at 0 (when ``lecam_weight > 0``); both are None otherwise.
-    """
-    g_rng, d_rng = jax.random.split(rng)
-    # The StyleGAN discriminator's minibatch-stddev groups need as many images as a group.
-    batch = getattr(sc.disc, "mbstd_group_size", 1)
-    x = jnp.zeros((batch, image_size, image_size, 3), jnp.float32)
-    g_vars = sc.vq.init(g_rng, x[:1])
-    d_vars = sc.disc.init(d_rng, x, train=False)
-    if not boxed:
-        g_vars, d_vars = nn.meta.unbox((g_vars, d_vars))
-    g_params = g_vars["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), g_params=g_params,
-                      d_params=d_vars["params"], d_batch_stats=d_vars.get("batch_stats", {}),
-                      g_opt_state=sc.g_tx.init(g_params),
-                      d_opt_state=sc.d_tx.init(d_vars["params"]),
-                      quantizer_stats=g_vars.get(quantizers.STATS, {}),
-                      g_ema_params=(jax.tree.map(jnp.copy, g_params) if sc.ema_decay > 0
-                                    else None),
-                      lecam_ema=jnp.zeros((2,), jnp.float32) if sc.lecam_weight > 0 else None)
-
-
-def init_quantizer_stats(vq: VQModel, g_params: Any) -> Any:
-    """Fresh :attr:`TrainState.quantizer_stats` for the codebook in ``g_params`` (e.g. one
-    converted from taming): EMA sums start at that codebook. ``{}`` for plain VQ."""
-    # Any call of the quantizer runs its setup, which declares the statistics while mutable.
-    _, variables = vq.apply({"params": g_params},
-                            method=lambda m: m.quantize(jnp.zeros((1, m.embed_dim))),
-                            mutable=[quantizers.STATS])
-    return variables.get(quantizers.STATS, {})
-
 
 def _write_codebook(g_params: Any, update: dict[str, Any]) -> Any:
     """Write the codebook rows the quantizer replaced outside the gradient (EMA, restarts)."""
@@ -195,47 +51,6 @@ def _write_codebook(g_params: Any, update: dict[str, Any]) -> Any:
     codebook = jnp.where(update["codebook_update_mask"][:, None], update["codebook_update"],
                          q["codebook"])
     return dict(g_params, quantize=dict(q, codebook=codebook))
-
-
-def eval_params(state: TrainState) -> Any:
-    """The generator weights to evaluate and sample with: the EMA when kept, else g_params."""
-    return state.g_params if state.g_ema_params is None else state.g_ema_params
-
-
-def eval_params_field(config: ml_collections.ConfigDict) -> str:
-    """The TrainState field :func:`eval_params` reads for a run of ``config`` (a saved config
-    of a stage-1 workdir): ``"g_ema_params"`` if it kept a generator EMA, else ``"g_params"``."""
-    return "g_ema_params" if config.loss.get("ema_decay", 0.0) > 0 else "g_params"
-
-
-def restore_eval_params(workdir: str, field: str, config: ml_collections.ConfigDict,
-                        vq: Tokenizer, mesh, rules: parallel.Rules = (), step: int | None = None
-                        ) -> tuple[Any, Any]:
-    """The generator weights :func:`eval_params` would give, read alone (orbax partial restore)
-    from the newest intact checkpoint of the stage-1 ``workdir`` (or checkpoint ``step``),
-    laid out on ``mesh`` by ``rules`` (:func:`vqgan_jax.parallel.state_shardings`).
-
-    Args:
-      config: the workdir's saved config (:func:`eval_params_field` reads it); vq: its model.
-
-    Returns:
-      ``(params, shardings)``.
-
-    Raises:
-      ValueError / vqgan_jax.workdir.NoIntactCheckpoint: as :func:`loop.restore_subtree`,
-        naming ``field``.
-    """
-    abstract, shardings = param_shardings(vq, mesh, rules)
-    params = loop.restore_subtree(loop.absolute(workdir), field, eval_params_field(config),
-                                  loop.abstract_like(abstract, shardings), step)
-    return params, shardings
-
-
-def param_shardings(vq: Tokenizer, mesh, rules: parallel.Rules = ()) -> tuple[Any, Any]:
-    """``(abstract params, NamedShardings)`` of ``vq``'s parameters on ``mesh`` (nothing made)."""
-    size = vq.resolution
-    boxed = jax.eval_shape(lambda: vq.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))["params"])
-    return parallel.unbox(boxed), parallel.state_shardings(boxed, mesh, rules)
 
 
 def _get_path(tree: Any, path: tuple[str, ...]) -> Any:
@@ -562,26 +377,6 @@ def lpips_shardings(mesh, rules) -> Any:
 
 # ----------------------------------------------------------------------------- evaluation
 
-def score_reconstructions(g_params: Any, lpips_params: Any, x: jax.Array, vq: Tokenizer
-                          ) -> dict[str, jax.Array]:
-    """Reconstruct ``x: float32[B, H, W, 3] in [-1, 1]`` and score it (jittable, pure).
-
-    The one definition of the reconstruction metrics: the end-of-training ``metrics.json``
-    (:func:`evaluate`) and ``python -m vqgan_jax.evaluate`` both call it. Reconstructions are
-    clipped and rounded to uint8 levels (:func:`vqgan_jax.metrics.quantize_to_uint8_levels`)
-    before scoring, i.e. scored as the images one would save.
-
-    Returns:
-      ``x_hat`` (float32[B, H, W, 3] in [-1, 1], on uint8 levels), ``indices``
-      (int32[B, H/f, W/f]), and per image (float32[B]): ``psnr`` (dB, images in [0, 1]),
-      ``ssim`` and ``lpips`` (:func:`vqgan_jax.metrics.reconstruction_metrics`).
-    """
-    x_hat, aux = vq.apply({"params": g_params}, x)
-    x_hat = metrics_lib.quantize_to_uint8_levels(x_hat)
-    return dict(x_hat=x_hat, indices=aux["indices"],
-                **metrics_lib.reconstruction_metrics(lpips_params, x, x_hat))
-
-
 reconstruct = jax.jit(score_reconstructions, static_argnames="vq")
 
 
@@ -600,19 +395,6 @@ def evaluate(g_params: Any, lpips_params: Any, images: list[np.ndarray], vq: Tok
     metrics.update(codebook_usage=metrics_lib.codebook_usage(counts),
                    perplexity=metrics_lib.perplexity(counts), num_images=len(images))
     return metrics, [o["x_hat"][0] for o in outs]
-
-
-def comparison_grid(originals: list[np.ndarray], reconstructions: list[np.ndarray],
-                    gap: int = 4) -> np.ndarray:
-    """uint8[H, W, 3] picture: one row per image, original | reconstruction, white gaps."""
-    to_u8 = lambda a: np.asarray(metrics_lib.to_uint8(a))
-    rows = [np.concatenate([to_u8(o), np.full((o.shape[0], gap, 3), 255, np.uint8), to_u8(r)], 1)
-            for o, r in zip(originals, reconstructions)]
-    width = max(r.shape[1] for r in rows)
-    padded = []
-    for r in rows:
-        padded.append(np.pad(r, ((0, gap), (0, width - r.shape[1]), (0, 0)), constant_values=255))
-    return np.concatenate(padded, 0)[:-gap]
 
 
 # ----------------------------------------------------------------------------- the job
@@ -759,8 +541,8 @@ def _save_eval(workdir, step, metrics, originals, reconstructions, writer) -> No
     writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
     writer.write_images(step, {"eval/input|reconstruction": grid[None].astype(np.float32) / 255})
     if jax.process_index() == 0:
-        loop.write_png(os.path.join(workdir, "reconstructions.png"), grid)
-        loop.write_json(os.path.join(workdir, "metrics.json"), dict(metrics, step=step))
+        workdir_lib.write_png(os.path.join(workdir, "reconstructions.png"), grid)
+        workdir_lib.write_json(os.path.join(workdir, "metrics.json"), dict(metrics, step=step))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -786,7 +568,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
 
     validate_config(config, jax.device_count())
-    workdir = loop.ensure_writable_workdir(workdir)
+    workdir = workdir_lib.ensure_writable_workdir(workdir)
     mesh = parallel.mesh_from_config(config)
     rules = parallel.rules_from_config(config)
     train_source = sources.get_source(config.dataset, config.train_split, data_dir=config.data_dir)
@@ -800,13 +582,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, shardings = loop.create_sharded_state(
         functools.partial(init_state, sc=sc, image_size=config.image_size),
         jax.random.key(config.seed), mesh, rules)
-    checkpoints = loop.RunCheckpoints(workdir, config, train_iter)
+    checkpoints = workdir_lib.RunCheckpoints(workdir, config, train_iter)
     manager = checkpoints.manager
     state = checkpoints.restore_latest(state, shardings)
 
     lpips_params = jax.device_put(load_lpips_params(), lpips_shardings(mesh, rules))
     image = ((config.batch_size, config.image_size, config.image_size, 3), jnp.float32)
-    abstract_args = (loop.abstract_like(state, shardings),
+    abstract_args = (workdir_lib.abstract_like(state, shardings),
                      parallel.abstract_batch({"image": image}, mesh), lpips_params)
     programs = {}  # adversarial -> the compiled step; the other is compiled when first needed
 

@@ -124,7 +124,8 @@ class JsonlWriter:
     def flush(self):
         if self._lines:
             text = "".join(line + "\n" for line in self._lines)
-            if "://" in self._path:
+            from vqgan_jax.workdir import is_url
+            if is_url(self._path):
                 # Object stores (gs://) cannot append: rewrite the whole file through etils.
                 from etils import epath
                 path = epath.Path(self._path)

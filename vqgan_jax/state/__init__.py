@@ -1,0 +1,1 @@
+"""Training states of the two stages, outside the trainers so that interop can make them."""

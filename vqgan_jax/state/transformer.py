@@ -1,0 +1,131 @@
+"""The stage-2 training state: the GPT, its optimizer and the frozen tokenizers it reads.
+
+The trainer (:mod:`vqgan_jax.trainers.transformer`) steps it; converted workdirs
+(:mod:`vqgan_jax.interop`), sampling and evaluation build it through the same functions.
+"""
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from vqgan_jax import parallel, workdir as workdir_lib
+from vqgan_jax.models import registry
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step reads and writes; created sharded, donated to the step."""
+    step: jax.Array                 # int32[], steps done
+    params: Any                     # GPT params (float32)
+    opt_state: optax.OptState
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """The static (hashable) pieces of a train step."""
+    gpt: registry.GPT
+    vq: registry.Tokenizer            # the frozen tokenizer (conv VQGAN or ViT-VQGAN)
+    cond_vq: registry.Tokenizer | None  # the frozen cond-stage tokenizer (image mode)
+    conditioning: registry.Conditioning
+    tx: optax.GradientTransformation
+    grid: tuple[int, int]           # code grid of one training crop
+    cond_image_size: int
+    class_drop_prob: float
+    pkeep: float
+    seed: int
+
+
+def frozen_tokenizer(workdir: str, field: str) -> registry.Tokenizer:
+    """The model (no weights) of the stage-1 workdir that ``field`` names."""
+    return registry.build_models(workdir_lib.read_config(workdir, field, stage="tokenizer"))[0]
+
+
+def build_step_config(config: ml_collections.ConfigDict) -> StepConfig:
+    """The models, optimizer and conditioning that ``config`` and its tokenizers describe.
+
+    Reads the tokenizers' configs from their workdirs (``config.tokenizer_workdir`` and, in
+    image mode, ``config.cond_tokenizer_workdir``); loads no parameters.
+    """
+    vq = frozen_tokenizer(config.tokenizer_workdir, "config.tokenizer_workdir")
+    cond_vq = (frozen_tokenizer(config.cond_tokenizer_workdir, "config.cond_tokenizer_workdir")
+               if config.conditioning == "image" else None)
+    gpt, conditioning = registry.build_transformer(config, vq, cond_vq)
+    side = config.image_size // vq.downsample_factor
+    o = config.optimizer
+    # minGPT: decay the Dense kernels only (not biases, LayerNorms, embeddings).
+    # (Boxed parameters, as init_state(boxed=True) makes them, are leaves here.)
+    decay_mask = lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) == "kernel", params,
+        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+    tx = optax.adamw(o.base_learning_rate * config.batch_size, b1=o.b1, b2=o.b2,
+                     weight_decay=o.weight_decay, mask=decay_mask)
+    return StepConfig(gpt=gpt, vq=vq, cond_vq=cond_vq, conditioning=conditioning, tx=tx,
+                      grid=(side, side), cond_image_size=config.cond_image_size,
+                      class_drop_prob=config.class_drop_prob, pkeep=config.pkeep,
+                      seed=config.seed)
+
+
+def init_state(rng: jax.Array, sc: StepConfig, boxed: bool = False) -> TrainState:
+    """Fresh GPT parameters and AdamW state (float32), unboxed from their logical axes.
+
+    ``boxed=True`` keeps the ``nn.LogicallyPartitioned`` boxes (see
+    :func:`vqgan_jax.trainers.loop.create_sharded_state`).
+    """
+    tokens = jnp.zeros((1, sc.gpt.block_size), jnp.int32)
+    params = sc.gpt.init(rng, tokens)["params"]
+    if not boxed:
+        params = nn.meta.unbox(params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=sc.tx.init(params))
+
+
+def load_frozen(config: ml_collections.ConfigDict, sc: StepConfig, mesh) -> tuple[dict, dict]:
+    """The tokenizers' generator parameters from their workdirs' latest checkpoints, on ``mesh``.
+
+    Only the generator weights are read (orbax partial restore): ``state.g_ema_params`` if the
+    tokenizer run kept a generator EMA (its saved ``config.loss.ema_decay > 0``), else
+    ``state.g_params`` (:func:`vqgan_jax.models.registry.eval_params_field`); laid out by
+    :func:`parallel.state_shardings` with ``config.sharding_rules``.
+
+    Returns:
+      ``(frozen, shardings)``: ``{"tokenizer": params[, "cond_tokenizer": params]}``.
+    """
+    frozen, shardings = {}, {}
+    pairs = [("tokenizer", sc.vq, config.tokenizer_workdir, "config.tokenizer_workdir")]
+    if sc.cond_vq is not None:
+        pairs.append(("cond_tokenizer", sc.cond_vq, config.cond_tokenizer_workdir,
+                      "config.cond_tokenizer_workdir"))
+    for name, vq, workdir, field in pairs:
+        frozen[name], shardings[name] = workdir_lib.restore_eval_params(
+            workdir, field, workdir_lib.read_config(workdir, field, stage="tokenizer"), vq, mesh,
+            parallel.rules_from_config(config))
+    return frozen, shardings
+
+
+def load_for_sampling(workdir: str, mesh=None, step: int | None = None, field: str = "--workdir"
+                      ) -> tuple[Any, dict, StepConfig, ml_collections.ConfigDict]:
+    """A stage-2 workdir's GPT parameters (newest intact checkpoint, or ``step``), its frozen
+    tokenizers (their newest) and its config, laid out on ``mesh`` (default: one device).
+
+    Raises:
+      ValueError: naming ``field`` when ``workdir`` holds no stage-2 checkpoint (or ``step``
+        when there is no such checkpoint).
+    """
+    workdir = workdir_lib.absolute(workdir)
+    config = workdir_lib.read_config(workdir, field, step, stage="transformer")
+    mesh = mesh or parallel.create_mesh(devices=jax.devices()[:1])
+    sc = build_step_config(config)
+    boxed = jax.eval_shape(functools.partial(init_state, sc=sc, boxed=True),
+                           jax.random.key(0)).params
+    shardings = parallel.state_shardings(boxed, mesh, parallel.rules_from_config(config))
+    params = workdir_lib.restore_subtree(workdir, field, "params", workdir_lib.abstract_like(
+        parallel.unbox(boxed), shardings), step)
+    frozen, _ = load_frozen(config, sc, mesh)
+    return params, frozen, sc, config
