@@ -234,3 +234,30 @@ def test_a_lock_from_another_host_is_refused_unless_forced(tmp_path):
     with workdir_lib.locked(str(tmp_path), force=True):
         assert json.loads(lock.read_text())["pid"] == os.getpid()
     assert not lock.exists()
+
+
+def test_a_config_of_an_older_release_reads_with_the_defaults_its_code_assumed(tmp_path):
+    """Fields added after the first workdirs were written (stage, arch, disc.kind, the LR
+    schedule, the generator EMA) come back from read_config as the code of that time used them,
+    JSON lists as tuples; a workdir of the wrong stage is refused naming the field."""
+    from conftest import load_config
+    from vqgan_jax import workdir as workdir_lib
+    config = load_config("demo")
+    old = config.to_dict()
+    del old["stage"], old["arch"], old["disc"]["kind"], old["loss"]["ema_decay"]
+    for field in ("lr_schedule", "warmup_steps", "final_lr_fraction"):
+        del old["optimizer"][field]
+    workdir_lib.write_state(str(tmp_path), "--workdir", 1, {"step": np.int32(1)},
+                            type(config)(old))
+    read = workdir_lib.read_config(str(tmp_path), "--workdir")
+    assert (read.stage, read.arch, read.disc.kind, read.loss.ema_decay) == (
+        "tokenizer", "vqgan", "patchgan", 0.0)
+    assert (read.optimizer.lr_schedule, read.optimizer.warmup_steps,
+            read.optimizer.final_lr_fraction) == ("constant", 0, 0.0)
+    assert read.model.ch_mult == tuple(config.model.ch_mult)
+    assert read.model.to_dict() == config.model.to_dict()
+    with pytest.raises(ValueError, match=r"--workdir=.* holds a 'tokenizer' run; point it at a "
+                       r"stage-2 \(transformer\) workdir"):
+        workdir_lib.read_config(str(tmp_path), "--workdir", stage="transformer")
+    with pytest.raises(workdir_lib.WorkdirNotEmpty, match="already holds checkpoints"):
+        workdir_lib.write_state(str(tmp_path), "--out", 2, {"step": np.int32(2)}, config)

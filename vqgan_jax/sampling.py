@@ -16,8 +16,7 @@ once per (model, batch size, prefix length, grid) and then runs without the host
 The random key of the code at flat position ``n`` is ``fold_in(rng, n)`` in all three, so for
 the same seed they draw the same codes wherever their logits agree.
 
-:func:`sample_images` (and :func:`draw_images`, its traceable body) turn those grids into
-images with a stage-2 run's frozen tokenizer.
+:func:`sample_images` (:func:`draw_images` traced) decodes them with the frozen tokenizer.
 """
 
 import functools

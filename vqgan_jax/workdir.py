@@ -12,11 +12,9 @@ checkpoint, saves that fail loudly.
 - :func:`save_evaluation`: every evaluation kept in ``eval/``, named by step, split and
   protocol, with an index.
 
-It is also the only code that knows a workdir's layout: ``checkpoints/<step>/{state, data,
-config}`` (orbax), read and written by :class:`RunCheckpoints` (training), :func:`read_config`
-(configs of older releases upgraded in one place, :func:`upgrade_config`),
-:func:`restore_subtrees` (partial restores onto a mesh) and :func:`write_state` (a workdir made
-from converted weights).
+It is also the only code that knows a workdir's layout (``checkpoints/<step>/{state, data,
+config}``): :class:`RunCheckpoints` (training), :func:`read_config` (older configs upgraded by
+:func:`upgrade_config`), :func:`restore_subtrees` (onto a mesh), :func:`write_state` (interop).
 """
 
 import contextlib
@@ -486,9 +484,8 @@ class RunCheckpoints:
 
 def write_state(workdir: str, field: str, step: int, state: Any,
                 config: ml_collections.ConfigDict) -> None:
-    """A new workdir's one checkpoint ``step``: the items ``state`` and ``config`` (JSON), no
-    ``data`` item (resuming starts the data iterator afresh). For weights converted from other
-    projects (:mod:`vqgan_jax.interop`).
+    """A new workdir's one checkpoint ``step`` of converted weights (:mod:`vqgan_jax.interop`):
+    ``state`` and ``config`` (JSON), no ``data`` (resuming starts the data iterator afresh).
 
     Raises:
       WorkdirNotEmpty: naming ``field`` when ``workdir`` already holds checkpoints.
@@ -513,12 +510,11 @@ def abstract_like(state: Any, shardings: Any) -> Any:
 
 
 def latest_step(workdir: str, field: str) -> int:
-    """The latest checkpoint step in ``workdir/checkpoints`` (skipping any this process found
-    damaged, :func:`restore_newest`).
+    """The latest checkpoint step of ``workdir`` (skipping any this process found damaged).
 
     Raises:
-      ValueError: naming ``field`` (the config field or flag that gave ``workdir``) when there
-        is no checkpoint there, and what to run to make one.
+      ValueError: naming ``field`` (the flag or config field that gave ``workdir``) when it
+        holds no checkpoint, and what to run to make one.
     """
     return max(_steps_to_try(workdir, field, None))
 
@@ -590,12 +586,8 @@ def read_config(workdir: str, field: str, step: int | None = None,
 
 def restore_subtree(workdir: str, field: str, name: str, abstract: Any,
                     step: int | None = None) -> Any:
-    """Restore only ``state.<name>`` of the latest intact checkpoint in ``workdir`` (or of
-    checkpoint ``step``), onto the shardings that ``abstract`` (ShapeDtypeStructs, see
-    :func:`abstract_like`) carries.
-
-    Raises:
-      As :func:`restore_subtrees`.
+    """Only ``state.<name>`` of the newest intact checkpoint (or ``step``) onto the shardings
+    of ``abstract`` (ShapeDtypeStructs, :func:`abstract_like`); raises as :func:`restore_subtrees`.
     """
     return restore_subtrees(workdir, field, {name: abstract}, step)[1][name]
 
@@ -669,10 +661,8 @@ def restore_tokenizer(workdir: str, step: int | None, mesh
       NoIntactCheckpoint: when no checkpoint restores.
     """
     config = read_config(workdir, "--workdir", step, stage="tokenizer")
-    vq = registry.build_models(config)[0]
-    abstract, _ = param_shardings(vq, mesh)
-    replicated = jax.tree.map(lambda _: parallel.replicated(mesh), abstract)
+    abstract, shardings = param_shardings(registry.build_models(config)[0], mesh)  # replicated
     name = registry.eval_params_field(config)
     step, params = restore_subtrees(absolute(workdir), "--workdir",
-                                    {name: abstract_like(abstract, replicated)}, step)
+                                    {name: abstract_like(abstract, shardings)}, step)
     return config, params[name], step

@@ -1,11 +1,5 @@
-"""Config -> models: the one place that turns a recipe (or a workdir's saved config) into flax
-modules. Trainers, evaluation, sampling, interop and the public API all build through it.
-
-- :func:`build_models`: the stage-1 tokenizer (``config.arch``, :data:`ARCHS`) and
-  discriminator (``config.disc.kind``, :data:`DISCS`).
-- :func:`build_transformer`: the stage-2 GPT over a tokenizer's codes and the
-  :class:`Conditioning` that lays out its prefix tokens.
-"""
+"""Config -> models (:func:`build_models` for stage 1, :func:`build_transformer` for stage 2):
+trainers, evaluation, sampling, interop and the public API all build their modules here."""
 
 import dataclasses
 import math

@@ -1,1 +1,0 @@
-"""Training states of the two stages, outside the trainers so that interop can make them."""

@@ -1,9 +1,5 @@
-"""The stage-1 training state: what a tokenizer run holds and how it starts.
-
-The trainer (:mod:`vqgan_jax.trainers.tokenizer`) steps it; converted workdirs
-(:mod:`vqgan_jax.interop`) are made through the same :func:`init_state`, so they hold exactly
-the fields a training run of their config would.
-"""
+"""Stage 1's train state and how a run starts it: the trainer steps it, and converted workdirs
+(:mod:`vqgan_jax.interop`) are made by the same :func:`init_state`."""
 
 import dataclasses
 import functools

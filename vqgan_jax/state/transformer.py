@@ -1,8 +1,5 @@
-"""The stage-2 training state: the GPT, its optimizer and the frozen tokenizers it reads.
-
-The trainer (:mod:`vqgan_jax.trainers.transformer`) steps it; converted workdirs
-(:mod:`vqgan_jax.interop`), sampling and evaluation build it through the same functions.
-"""
+"""Stage 2's train state (the GPT, its optimizer, the frozen tokenizers it reads): the trainer
+steps it; converted workdirs, sampling and evaluation build it through the same functions."""
 
 import dataclasses
 import functools
