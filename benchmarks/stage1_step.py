@@ -16,6 +16,7 @@ import numpy as np
 
 from vqgan_jax import parallel
 from vqgan_jax.models.lpips import load_lpips_params
+from vqgan_jax.state import tokenizer as state1
 from vqgan_jax.trainers import loop
 from vqgan_jax.trainers import tokenizer as T
 
@@ -23,7 +24,7 @@ from vqgan_jax.trainers import tokenizer as T
 @dataclasses.dataclass
 class Setup:
     config: ml_collections.ConfigDict
-    sc: T.StepConfig
+    sc: state1.StepConfig
     mesh: Any
     rules: Any
     state: Any                # TrainState, sharded over mesh
@@ -40,9 +41,9 @@ def setup(config: ml_collections.ConfigDict, seed: int = 0) -> Setup:
     T.validate_config(config, jax.device_count())
     mesh = parallel.mesh_from_config(config)
     rules = parallel.rules_from_config(config)
-    sc = T.build_step_config(config)
+    sc = state1.build_step_config(config)
     state, shardings = loop.create_sharded_state(
-        functools.partial(T.init_state, sc=sc, image_size=config.image_size),
+        functools.partial(state1.init_state, sc=sc, image_size=config.image_size),
         jax.random.key(seed), mesh, rules)
     lpips_params = jax.device_put(load_lpips_params(), T.lpips_shardings(mesh, rules))
     size = config.image_size

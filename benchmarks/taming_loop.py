@@ -24,7 +24,7 @@ import ml_collections
 import torch
 import torch.nn.functional as F
 
-from vqgan_jax.trainers import tokenizer as T
+from vqgan_jax.state import tokenizer as state1
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
 import taming_reference as ref  # noqa: E402
@@ -66,7 +66,7 @@ class TamingLoop:
             scaling.scale.copy_(torch.tensor([.458, .448, .450]).reshape(1, 3, 1, 1))
         self.lpips.eval().requires_grad_(False)
         self.g_params = [p for n, p in self.model.named_parameters() if not n.startswith("loss.")]
-        adam = functools.partial(torch.optim.Adam, lr=T.learning_rate(config),
+        adam = functools.partial(torch.optim.Adam, lr=state1.learning_rate(config),
                                  betas=(config.optimizer.b1, config.optimizer.b2))
         self.opt_ae, self.opt_disc = adam(self.g_params), adam(self.disc.parameters())
         self.autocast = functools.partial(torch.autocast, device, dtype=torch.bfloat16,
