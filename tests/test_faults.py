@@ -238,15 +238,19 @@ def test_a_lock_from_another_host_is_refused_unless_forced(tmp_path):
 
 def test_a_config_of_an_older_release_reads_with_the_defaults_its_code_assumed(tmp_path):
     """Fields added after the first workdirs were written (stage, arch, disc.kind, the LR
-    schedule, the generator EMA) come back from read_config as the code of that time used them,
+    schedule, the later loss terms, the mesh's tensor axis, sharding rules) come back from read_config as the code of that time used them,
     JSON lists as tuples; a workdir of the wrong stage is refused naming the field."""
     from conftest import load_config
     from vqgan_jax import workdir as workdir_lib
+    from vqgan_jax.state import tokenizer as state1
     config = load_config("demo")
     old = config.to_dict()
-    del old["stage"], old["arch"], old["disc"]["kind"], old["loss"]["ema_decay"]
+    del old["stage"], old["arch"], old["disc"]["kind"], old["sharding_rules"]
+    del old["mesh"]["tensor"]
     for field in ("lr_schedule", "warmup_steps", "final_lr_fraction"):
         del old["optimizer"][field]
+    for field in ("ema_decay", "gen_loss", "r1_every", "lecam_ema_decay"):
+        del old["loss"][field]
     workdir_lib.write_state(str(tmp_path), "--workdir", 1, {"step": np.int32(1)},
                             type(config)(old))
     read = workdir_lib.read_config(str(tmp_path), "--workdir")
@@ -254,6 +258,10 @@ def test_a_config_of_an_older_release_reads_with_the_defaults_its_code_assumed(t
         "tokenizer", "vqgan", "patchgan", 0.0)
     assert (read.optimizer.lr_schedule, read.optimizer.warmup_steps,
             read.optimizer.final_lr_fraction) == ("constant", 0, 0.0)
+    assert (read.loss.gen_loss, read.loss.r1_every, read.loss.lecam_ema_decay) == ("hinge", 16,
+                                                                                   0.999)
+    assert (read.mesh.tensor, read.sharding_rules) == (1, ())
+    assert state1.build_step_config(read).gen_loss == "hinge"  # the state builds from it
     assert read.model.ch_mult == tuple(config.model.ch_mult)
     assert read.model.to_dict() == config.model.to_dict()
     with pytest.raises(ValueError, match=r"--workdir=.* holds a 'tokenizer' run; point it at a "

@@ -77,21 +77,20 @@ def create_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
 
 
 def mesh_from_config(config: Any, devices: list | None = None) -> Mesh:
-    """:func:`create_mesh` from ``config.mesh`` (``tensor`` defaults to 1 for old configs)."""
+    """:func:`create_mesh` from ``config.mesh``."""
     m = config.mesh
-    return create_mesh(m.data, m.fsdp, m.get("tensor", 1), devices=devices)
+    return create_mesh(m.data, m.fsdp, m.tensor, devices=devices)
 
 
 def rules_from_config(config: Any) -> Rules:
     """``config.sharding_rules`` as a tuple of ``(name, mesh_axes)`` pairs.
 
-    Configs read back from a checkpoint's JSON hold lists; they become tuples here. A config
-    without the field (written before it existed) gets no rules: everything replicated.
+    Lists (configs read back from JSON) become tuples here; no rules: everything replicated.
 
     Raises:
       ValueError: naming ``config.sharding_rules`` for a malformed pair or an unknown mesh axis.
     """
-    raw = config.get("sharding_rules", None) or ()
+    raw = config.sharding_rules or ()
     rules = []
     for pair in raw:
         if len(pair) != 2 or not isinstance(pair[0], str):

@@ -546,15 +546,17 @@ def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
     tuples, as the recipes write them (modules need hashable fields)."""
     as_tuples = lambda x: tuple(as_tuples(v) for v in x) if isinstance(x, list) else (
         {k: as_tuples(v) for k, v in x.items()} if isinstance(x, dict) else x)
-    config = as_tuples(config)
-    config.setdefault("stage", "tokenizer")
-    config.setdefault("data_dir", None)
+    config = {"stage": "tokenizer", "data_dir": None, "sharding_rules": (), **as_tuples(config)}
+    config["mesh"] = {"tensor": 1, **config["mesh"]}
     if config["stage"] == "tokenizer":
         config.setdefault("arch", "vqgan")
         config["disc"] = {"kind": "patchgan", **config["disc"]}
         config["optimizer"] = {"lr_schedule": "constant", "warmup_steps": 0,
                                "final_lr_fraction": 0.0, **config["optimizer"]}
-        config["loss"] = {"ema_decay": 0.0, **config["loss"]}
+        config["loss"] = {"gen_loss": "hinge", "adaptive_disc_weight": True, "l1_weight": 1.0,
+                          "l2_weight": 0.0, "logit_laplace_weight": 0.0, "r1_weight": 0.0,
+                          "r1_every": 16, "lecam_weight": 0.0, "lecam_ema_decay": 0.999,
+                          "ema_decay": 0.0, **config["loss"]}
     return config
 
 

@@ -45,17 +45,16 @@ class StepConfig:
     codebook_weight: float
     perceptual_weight: float
     seed: int
-    # Fields added after the first workdirs were written: defaults keep their configs loading.
-    gen_loss: str = "hinge"
-    adaptive_disc_weight: bool = True
-    l1_weight: float = 1.0
-    l2_weight: float = 0.0
-    logit_laplace_weight: float = 0.0
-    r1_weight: float = 0.0
-    r1_every: int = 16
-    lecam_weight: float = 0.0
-    lecam_ema_decay: float = 0.999
-    ema_decay: float = 0.0
+    gen_loss: str
+    adaptive_disc_weight: bool
+    l1_weight: float
+    l2_weight: float
+    logit_laplace_weight: float
+    r1_weight: float
+    r1_every: int
+    lecam_weight: float
+    lecam_ema_decay: float
+    ema_decay: float
 
     @property
     def dtype(self):
