@@ -254,7 +254,7 @@ def evaluate_workdir(workdir: str, *, dataset: str | None = None, split: str = "
                          "`python -m vqgan_jax.main` run trained into.")
     config = workdir_lib.read_config(workdir, "--workdir", step, stage="tokenizer")
     dataset = dataset or config.dataset
-    data_dir = data_dir or config.get("data_dir")
+    data_dir = data_dir or config.data_dir
     source = _get_source(dataset, split, data_dir)
     n = _resolve_num_images(source, num_images)
     vq, _ = registry.build_models(config)
