@@ -14,6 +14,7 @@ import pytest
 from conftest import CONFIG_DIR, load_config, shrink
 from vqgan_jax import main, parallel
 from vqgan_jax.models.lpips import load_lpips_params
+from vqgan_jax.state import tokenizer as state1
 from vqgan_jax.trainers import loop
 from vqgan_jax.trainers import tokenizer as T
 
@@ -102,7 +103,6 @@ class NoTensorflow(importlib.abc.MetaPathFinder):
             raise ImportError("tensorflow blocked by the test")
 sys.meta_path.insert(0, NoTensorflow())
 import vqgan_jax.main, vqgan_jax.trainers.tokenizer, vqgan_jax.trainers.loop as loop
-from vqgan_jax.state import tokenizer as state1
 writer = loop.create_writer({str(tmp_path)!r})
 writer.write_scalars(1, {{"loss": 0.5}})
 writer.flush()

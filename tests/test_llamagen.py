@@ -19,8 +19,8 @@ from conftest import load_config  # noqa: E402
 from test_convert import rel_err, run_convert  # noqa: E402
 from vqgan_jax.data import pipeline  # noqa: E402
 from vqgan_jax.interop import llamagen, taming  # noqa: E402
-from vqgan_jax.models.vqgan import VQModel  # noqa: E402
 from vqgan_jax.models import registry  # noqa: E402
+from vqgan_jax.models.vqgan import VQModel  # noqa: E402
 
 VQ16_PARAMS = 71_883_403   # sum of numel over LlamaGen VQ_16().parameters()
 

@@ -13,10 +13,10 @@ import pytest
 
 from conftest import load_config, shrink
 from vqgan_jax.models import quantizers as Q
-from vqgan_jax.models.vqgan import VQModel
-from vqgan_jax.trainers import tokenizer as T
-from vqgan_jax.state import tokenizer as state1
 from vqgan_jax.models import registry
+from vqgan_jax.models.vqgan import VQModel
+from vqgan_jax.state import tokenizer as state1
+from vqgan_jax.trainers import tokenizer as T
 
 KEY = jax.random.key(0)
 

@@ -16,16 +16,16 @@ from jax.sharding import PartitionSpec as P
 
 from conftest import load_config, shrink
 from vqgan_jax import parallel
+from vqgan_jax import workdir as workdir_lib
 from vqgan_jax.config_base import TRANSFORMER_RULES
+from vqgan_jax.models import registry
 from vqgan_jax.models.gpt import GPT
 from vqgan_jax.models.vqgan import VQModel
+from vqgan_jax.state import tokenizer as state1
+from vqgan_jax.state import transformer as state2
 from vqgan_jax.trainers import loop
 from vqgan_jax.trainers import tokenizer as T1
 from vqgan_jax.trainers import transformer as T2
-from vqgan_jax import workdir as workdir_lib
-from vqgan_jax.state import tokenizer as state1
-from vqgan_jax.state import transformer as state2
-from vqgan_jax.models import registry
 
 MESHES = ((8, 1, 1), (4, 2, 1), (2, 2, 2), (1, 8, 1))   # (data, fsdp, tensor) on 8 devices
 

@@ -13,11 +13,11 @@ import pytest
 
 from conftest import load_config, shrink
 from vqgan_jax import losses, parallel
+from vqgan_jax import workdir as workdir_lib
 from vqgan_jax.models.lpips import load_lpips_params, lpips_fn
+from vqgan_jax.state import tokenizer as state1
 from vqgan_jax.trainers import loop
 from vqgan_jax.trainers import tokenizer as T
-from vqgan_jax import workdir as workdir_lib
-from vqgan_jax.state import tokenizer as state1
 
 
 @pytest.fixture(scope="module")

@@ -20,11 +20,11 @@ from PIL import Image
 
 from conftest import CONFIG_DIR, ROOT, load_config, tiny
 from vqgan_jax import parallel
-from vqgan_jax.models.gpt import GPT
-from vqgan_jax.trainers import transformer as T
-from vqgan_jax.state import transformer as state2
-from vqgan_jax.models import registry
 from vqgan_jax import sampling
+from vqgan_jax.models import registry
+from vqgan_jax.models.gpt import GPT
+from vqgan_jax.state import transformer as state2
+from vqgan_jax.trainers import transformer as T
 
 TRANSFORMER_CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.py")
                              if load_config(p.stem).stage == "transformer")

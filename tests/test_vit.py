@@ -17,15 +17,15 @@ from jax.sharding import PartitionSpec as P
 
 from conftest import CONFIG_DIR, load_config, shrink
 from vqgan_jax import parallel
+from vqgan_jax import workdir as workdir_lib
+from vqgan_jax.models import registry
 from vqgan_jax.models.lpips import load_lpips_params
 from vqgan_jax.models.vit_vqgan import ViTVQModel, patchify, unpatchify
+from vqgan_jax.state import tokenizer as state1
+from vqgan_jax.state import transformer as state2
 from vqgan_jax.trainers import loop
 from vqgan_jax.trainers import tokenizer as T
 from vqgan_jax.trainers import transformer as stage2
-from vqgan_jax import workdir as workdir_lib
-from vqgan_jax.state import tokenizer as state1
-from vqgan_jax.models import registry
-from vqgan_jax.state import transformer as state2
 
 TINY = dict(patch_size=4, enc_layers=1, enc_width=16, enc_heads=2, enc_mlp_dim=32,
             dec_layers=1, dec_width=24, dec_heads=2, dec_mlp_dim=40, embed_dim=4, n_embed=32)
