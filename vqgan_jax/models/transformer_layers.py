@@ -1,11 +1,10 @@
 """The transformer layers the ViT-VQGAN (:mod:`vqgan_jax.models.vit_vqgan`) and the stage-2 GPT
-(:mod:`vqgan_jax.models.gpt`) share: Dense and LayerNorm with logical axis names, multi-head
-self-attention (bidirectional, or causal with a fixed-size KV cache) and the pre-LayerNorm block.
+(:mod:`vqgan_jax.models.gpt`) share: Dense and LayerNorm, multi-head self-attention
+(bidirectional, or causal with a fixed-size KV cache) and the pre-LayerNorm block.
 
-Parameters are float32 whatever the compute ``dtype``; every one carries logical axis names
-(``embed``, ``heads``, ``mlp``; see :mod:`vqgan_jax.parallel`). Each model keeps its own
-parameter names and initializers (the block's ``names``, ``kernel_init``, ``epsilon``), so its
-checkpoints and the taming GPT key mapping are unchanged.
+Parameters are float32 whatever the compute ``dtype`` and carry logical axis names (``embed``,
+``heads``, ``mlp``; :mod:`vqgan_jax.parallel`). Each model keeps its own parameter names,
+initializers and LayerNorm epsilon (its checkpoints and the taming GPT key mapping hold).
 """
 
 from typing import Any, Callable
@@ -45,10 +44,8 @@ class SelfAttention(nn.Module):
       block_size: KV cache length of the causal form; None for bidirectional attention.
       dropout: dropout on the attention weights (training only).
       float32_logits: accumulate ``q.k`` in float32 (ViT); else in ``dtype`` (GPT, as minGPT).
-      names: parameter names of the fused ``[width, 3 * width]`` q/k/v projection and of the
-        output projection.
-      kernel_init: initializer of both kernels.
-      dtype: compute dtype.
+      names: of the fused ``[width, 3 * width]`` q/k/v projection and the output projection.
+      kernel_init, dtype: both kernels' initializer; the compute dtype.
     """
     num_heads: int
     block_size: int | None = None
@@ -85,19 +82,11 @@ class SelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block: ``x + drop(attn(ln_1(x)))``, then
-    ``x + drop(mlp(ln_2(x)))`` with a GELU MLP of width ``mlp_dim`` (``fc``, ``mlp_proj``).
-
-    ``__call__(x, cache=None, pos=0, train=False) -> (x, cache)`` as :class:`SelfAttention`;
-    ``x: [B, T, width]``.
-
-    Attributes:
-      num_heads, block_size, float32_logits, kernel_init, dtype: of :class:`SelfAttention`.
-      mlp_dim: hidden width of the MLP.
-      dropout: on both residual branches (training only).
-      attn_dropout: on the attention weights (training only).
-      epsilon: of both LayerNorms.
-      names: the attention's two projections and the MLP's first layer.
+    """Pre-LayerNorm block: ``x + drop(attn(ln_1(x)))``, then ``x + drop(mlp(ln_2(x)))`` with
+    a GELU MLP of width ``mlp_dim``; ``(x: [B, T, width], cache, pos, train) -> (x, cache)`` as
+    :class:`SelfAttention`, whose fields it passes on (``attn_dropout`` its ``dropout``).
+    ``dropout`` acts on both residual branches, ``epsilon`` in both LayerNorms; ``names``: the
+    attention's two projections and the MLP's first layer (the second is ``mlp_proj``).
     """
     num_heads: int
     mlp_dim: int

@@ -33,7 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vqgan_jax.models.quantizers import make_quantizer
+from vqgan_jax.models.quantizers import QuantizerSpec, VQSpec
 from vqgan_jax.models.transformer_layers import Block, dense, layer_norm
 
 Dtype = Any
@@ -193,9 +193,9 @@ class ViTVQModel(nn.Module):
       n_embed: codebook size (8192 in the paper).
       beta: commitment weight of the VQ loss.
       dropout: dropout on the residual branches (training only).
-      quantizer: ``config.quantizer`` as sorted ``((name, value), ...)``
-        (:func:`vqgan_jax.models.quantizers.quantizer_fields`); ``()`` is plain VQ. vq and
-        ema_vq look up l2-normalized codes; fsq, lfq and gumbel have no normalized form.
+      quantizer: the kind and its settings (:func:`vqgan_jax.models.quantizers.quantizer_spec`
+        of ``config.quantizer``). vq and ema_vq look up l2-normalized codes; fsq, lfq and
+        gumbel have no normalized form.
       remat: rematerialize every transformer block in the backward pass (same parameters
         and results; less activation memory for more compute).
       dtype: compute dtype (parameters are float32; quantizer distances in float32).
@@ -217,7 +217,7 @@ class ViTVQModel(nn.Module):
     n_embed: int = 8192
     beta: float = 0.25
     dropout: float = 0.0
-    quantizer: tuple = ()
+    quantizer: QuantizerSpec = VQSpec()
     remat: bool = False
     dtype: Dtype = jnp.float32
 
@@ -237,11 +237,8 @@ class ViTVQModel(nn.Module):
                                      "post_quant_proj")
         # The paper's factorized codes: vq / ema_vq look up l2-normalized codes (Yu et al. 2021
         # sec. 3.2); the other kinds (fsq, lfq, gumbel) have no normalized form.
-        knobs = dict(self.quantizer)
-        kind = knobs.pop("kind", "vq")
-        self.quantize = make_quantizer(kind, self.n_embed, self.embed_dim, self.beta,
-                                       l2_normalize=kind in ("vq", "ema_vq"), dtype=self.dtype,
-                                       **knobs)
+        self.quantize = self.quantizer.make(self.n_embed, self.embed_dim, self.beta,
+                                            self.quantizer.kind in ("vq", "ema_vq"), self.dtype)
 
     @property
     def downsample_factor(self) -> int:
