@@ -352,6 +352,15 @@ def test_unknown_kind_and_inconsistent_sizes_fail_naming_the_field():
         T.validate_config(config, num_devices=1)
 
 
+def test_quantizer_spec_reads_old_and_json_configs_into_hashable_specs():
+    assert Q.quantizer_spec(None) == Q.VQSpec()  # a config from before config.quantizer
+    spec = Q.quantizer_spec({"kind": "fsq", "fsq_levels": [4, 3], "ema_decay": 0.9})  # JSON
+    assert spec == Q.FSQSpec((4, 3)) and hash(spec) == hash(Q.FSQSpec((4, 3)))
+    assert not hasattr(spec.make(12, 2), "beta")  # no unused fields on gumbel, fsq
+    with pytest.raises(ValueError, match="config.quantizer.ema_decay=1.0"):
+        Q.EMAVQSpec(ema_decay=1.0)
+
+
 def test_plain_vq_parameters_are_unchanged_by_the_quantizer_field():
     config = load_config("imagenet_f16")
     shapes = lambda model: jax.tree.map(jnp.shape, nn.meta.unbox(jax.eval_shape(
