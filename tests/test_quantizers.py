@@ -40,7 +40,7 @@ def _nearest(z, codebook):
 
 def test_ema_moves_codes_to_the_laplace_smoothed_average_of_their_vectors():
     decay, eps, k, dim = 0.9, 1e-3, 4, 2
-    q = Q.make_quantizer("ema_vq", k, dim, ema_decay=decay, ema_epsilon=eps)
+    q = Q.EMAVQSpec(ema_decay=decay, ema_epsilon=eps).make(k, dim)
     codebook = np.array([[0, 0], [4, 0], [0, 4], [9, 9]], np.float32)   # code 3: never chosen
     z = np.array([[0.5, 0.1], [-0.3, 0.4], [3.5, 0.5], [4.4, -0.2], [4.1, 0.3], [0.2, 3.0]],
                  np.float32)
@@ -80,7 +80,7 @@ def test_ema_moves_codes_to_the_laplace_smoothed_average_of_their_vectors():
 @pytest.mark.parametrize("kind", ["vq", "ema_vq"])
 def test_a_code_unused_for_n_steps_is_reseeded_from_the_batch(kind):
     k, dim = 4, 3
-    q = Q.make_quantizer(kind, k, dim, restart_unused_steps=2)
+    q = Q.SPECS[kind](restart_unused_steps=2).make(k, dim)
     z = jax.random.normal(jax.random.key(3), (2, 5, dim))
     variables = _init(q, z)
     codebook = np.array(variables["params"]["codebook"])
@@ -126,7 +126,7 @@ def fsq_reference(z, levels):
 
 def test_fsq_matches_the_papers_reference_code():
     levels = (2, 3, 4, 5, 8)
-    q = Q.make_quantizer("fsq", math.prod(levels), len(levels), fsq_levels=levels)
+    q = Q.FSQSpec(levels).make(math.prod(levels), len(levels))
     z = 2.0 * jax.random.normal(jax.random.key(3), (4096, len(levels)))
     z_q, aux = q.apply({}, z)
     bounded, expected = fsq_reference(z, levels)
@@ -138,7 +138,7 @@ def test_fsq_matches_the_papers_reference_code():
     # Two levels: the lower one for z < -tan(1 / 0.999) = -1.5601, about 5.9% of N(0, 1), and
     # a mean straight-through slope of E[half_l (1 - tanh^2(z + shift))] = 0.147.
     z2 = jax.random.normal(jax.random.key(4), (200_000, 1))
-    q2 = Q.make_quantizer("fsq", 2, 1, fsq_levels=(2,))
+    q2 = Q.FSQSpec((2,)).make(2, 1)
     lower = float(jnp.mean(q2.apply({}, z2)[0] == -1.0))
     p = 0.5 * math.erfc(math.tan(1 / 0.999) / math.sqrt(2))
     assert abs(p - 0.0594) < 1e-3 and abs(lower - p) < 5 * math.sqrt(p * (1 - p) / 200_000)
@@ -152,20 +152,20 @@ def test_fsq_matches_the_papers_reference_code():
 
 def test_fsq_indices_stay_on_the_grid_for_many_levels_and_bad_levels_are_rejected():
     levels = (1500, 2)                    # 1500 levels: the old (1 + 1e-3) bound left the grid
-    q = Q.make_quantizer("fsq", 3000, 2, fsq_levels=levels)
+    q = Q.FSQSpec(levels).make(3000, 2)
     z = 50.0 * jax.random.normal(jax.random.key(5), (8192, 2))
     z_q, aux = q.apply({}, z)
     assert int(aux["indices"].min()) >= 0 and int(aux["indices"].max()) < 3000
     assert float(jnp.abs(z_q).max()) <= 1.0
     assert int(aux["indices"].max()) > 2900 and int(aux["indices"].min()) < 100   # both ends
     with pytest.raises(ValueError, match=r"fsq_levels=\(1, 4\): every level must be >= 2"):
-        Q.make_quantizer("fsq", 4, 2, fsq_levels=(1, 4))
+        Q.FSQSpec((1, 4)).make(4, 2)
     with pytest.raises(ValueError, match=r"product .* < 2\*\*31"):
-        Q.make_quantizer("fsq", 2 ** 32, 2, fsq_levels=(2 ** 16, 2 ** 16))
+        Q.FSQSpec((2 ** 16, 2 ** 16)).make(2 ** 32, 2)
 
 def test_fsq_codebook_is_the_level_grid_and_indices_round_trip():
     levels = (3, 4, 5, 2)
-    q = Q.make_quantizer("fsq", 120, 4, fsq_levels=levels)
+    q = Q.FSQSpec(levels).make(120, 4)
     assert q.n_codes == math.prod(levels) == 120
     z = 3.0 * jax.random.normal(jax.random.key(1), (2, 8, 8, 4))
     variables = q.init(KEY, z)
@@ -186,15 +186,15 @@ def test_fsq_codebook_is_the_level_grid_and_indices_round_trip():
     np.testing.assert_allclose(q.apply(variables, aux["indices"], method="lookup"), z_q, atol=1e-6)
     assert float(aux["vq_loss"]) == 0.0 and aux["indices"].dtype == jnp.int32
     with pytest.raises(ValueError, match=r"config.model.n_embed=64.*set config.model.n_embed=120"):
-        Q.make_quantizer("fsq", 64, 4, fsq_levels=levels)
+        Q.FSQSpec(levels).make(64, 4)
     with pytest.raises(ValueError, match=r"config.model.embed_dim=3 must equal"):
-        Q.make_quantizer("fsq", 120, 3, fsq_levels=levels)
+        Q.FSQSpec(levels).make(120, 3)
 
 
 def test_lfq_entropy_terms_equal_a_direct_computation():
     dim, temperature, weight, gamma = 3, 0.7, 0.3, 1.5
-    q = Q.make_quantizer("lfq", 2 ** dim, dim, beta=0.25, entropy_weight=weight,
-                         entropy_temperature=temperature, entropy_gamma=gamma)
+    q = Q.LFQSpec(entropy_weight=weight, entropy_temperature=temperature,
+                  entropy_gamma=gamma).make(2 ** dim, dim, beta=0.25)
     z = 0.8 * jax.random.normal(jax.random.key(2), (2, 3, 4, dim))
     z_q, aux = q.apply({}, z)
     zf = np.asarray(z, np.float64).reshape(-1, dim)
@@ -224,8 +224,8 @@ def test_lfq_entropy_terms_equal_a_direct_computation():
 
 def test_gumbel_forward_is_a_hard_one_hot_and_its_gradient_the_relaxed_samples():
     k, dim = 6, 3
-    q = Q.make_quantizer("gumbel", k, dim, gumbel_tau_start=2.0, gumbel_tau_end=0.5,
-                         gumbel_anneal_steps=100)
+    q = Q.GumbelSpec(gumbel_tau_start=2.0, gumbel_tau_end=0.5,
+                     gumbel_anneal_steps=100).make(k, dim)
     z = jax.random.normal(jax.random.key(4), (2, 4, dim))
     variables = _init(q, z)
     params = variables["params"]
@@ -282,7 +282,7 @@ KINDS = {  # kind: (n_embed, embed_dim, knobs)
 @pytest.mark.parametrize("kind", Q.KINDS)
 def test_gradients_flow_straight_through_and_aux_has_the_fixed_keys(kind):
     n_embed, dim, knobs = KINDS[kind]
-    q = Q.make_quantizer(kind, n_embed, dim, **knobs)
+    q = Q.SPECS[kind](**knobs).make(n_embed, dim)
     assert q.n_codes == n_embed
     z = jax.random.normal(jax.random.key(6), (2, 5, dim))
     w = jax.random.normal(jax.random.key(7), z.shape)
@@ -322,9 +322,9 @@ def test_gradients_flow_straight_through_and_aux_has_the_fixed_keys(kind):
 
 def test_unknown_kind_and_inconsistent_sizes_fail_naming_the_field():
     with pytest.raises(ValueError, match=r"config.quantizer.kind='vqq'.*\['vq', 'ema_vq'"):
-        Q.make_quantizer("vqq", 8, 3)
+        Q.quantizer_spec(dict(kind="vqq"))
     with pytest.raises(ValueError, match="ema_dacay"):
-        Q.make_quantizer("ema_vq", 8, 3, ema_dacay=0.9)
+        Q.quantizer_spec(dict(kind="ema_vq", ema_dacay=0.9))
     config = load_config("demo")
     config.quantizer.update(kind="vqq", restart_unused_steps=0)  # restarts are for vq, ema_vq
     with pytest.raises(ValueError, match=r"config.quantizer.kind='vqq'.*'fsq', 'lfq'"):
@@ -352,6 +352,15 @@ def test_unknown_kind_and_inconsistent_sizes_fail_naming_the_field():
     config.model.l2_normalize_codes = False
     with pytest.raises(ValueError, match="config.quantizer.restart_unused_steps"):
         T.validate_config(config, num_devices=1)
+
+
+def test_quantizer_spec_reads_old_and_json_configs_into_hashable_specs():
+    assert Q.quantizer_spec(None) == Q.VQSpec()  # a config from before config.quantizer
+    spec = Q.quantizer_spec({"kind": "fsq", "fsq_levels": [4, 3], "ema_decay": 0.9})  # JSON
+    assert spec == Q.FSQSpec((4, 3)) and hash(spec) == hash(Q.FSQSpec((4, 3)))
+    assert not hasattr(spec.make(12, 2), "beta")  # no unused fields on gumbel, fsq
+    with pytest.raises(ValueError, match="config.quantizer.ema_decay=1.0"):
+        Q.EMAVQSpec(ema_decay=1.0)
 
 
 def test_plain_vq_parameters_are_unchanged_by_the_quantizer_field():

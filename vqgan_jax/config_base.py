@@ -58,7 +58,7 @@ def tokenizer_config() -> ml_collections.ConfigDict:
     c.model.remat = False
     c.dtype = "float32"                 # compute dtype: float32 | bfloat16 (params stay float32)
 
-    # Quantizer (models.quantizers.make_quantizer); the codebook shape stays in config.model
+    # Quantizer (models.quantizers.quantizer_spec); the codebook shape stays in config.model
     # (n_embed, embed_dim, beta, l2_normalize_codes). For fsq and lfq the codebook size is
     # derived and config.model.n_embed must equal it: prod(fsq_levels), 2 ** embed_dim.
     c.quantizer = ml_collections.ConfigDict(dict(

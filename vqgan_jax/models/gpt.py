@@ -24,82 +24,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vqgan_jax.models.transformer_layers import Block, layer_norm
+
 Dtype = Any
 Cache = list[tuple[jax.Array, jax.Array]]  # per layer (k, v): [B, n_head, block_size, head_dim]
 
 _INIT = nn.initializers.normal(stddev=0.02)  # minGPT's init for linear and embedding weights
 RESIDUAL_AXES = ("activation_batch", "activation_length", "activation_embed")
-
-
-def _dense(features: int, axes: tuple[str, str], dtype: Dtype, name: str) -> nn.Dense:
-    return nn.Dense(features, dtype=dtype, name=name,
-                    kernel_init=nn.with_logical_partitioning(_INIT, axes),
-                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)))
-
-
-def _layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=1e-5, dtype=dtype, name=name,
-                        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
-
-
-class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention, with an optional fixed-size KV cache.
-
-    ``x: [B, T, n_embd]``; with ``cache`` (``k, v: [B, n_head, block_size, head_dim]``) the
-    tokens sit at positions ``pos .. pos+T-1`` and the updated cache is returned, else they sit
-    at ``0 .. T-1`` and ``None`` is returned. Softmax runs in float32.
-    """
-    n_head: int
-    block_size: int
-    dropout: float = 0.0
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, cache: tuple[jax.Array, jax.Array] | None = None,
-                 pos: jax.Array | int = 0, train: bool = False):
-        b, t, c = x.shape
-        hd = c // self.n_head
-        qkv = _dense(3 * c, ("embed", "heads"), self.dtype, "c_attn")(x)
-        q, k, v = jnp.split(qkv.reshape(b, t, 3, self.n_head, hd).transpose(2, 0, 3, 1, 4), 3)
-        q, k, v = q[0], k[0], v[0]  # (B, n_head, T, hd)
-        q_pos = pos + jnp.arange(t)
-        if cache is None:
-            k_pos = jnp.arange(t)
-            new_cache = None
-        else:
-            k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, 0, pos, 0))
-            v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, 0, pos, 0))
-            k_pos = jnp.arange(self.block_size)
-            new_cache = (k, v)
-        att = jnp.einsum("bhqd,bhkd->bhqk", q, k.astype(q.dtype)).astype(jnp.float32)
-        att = att / jnp.sqrt(jnp.float32(hd))
-        att = jnp.where(k_pos[None, :] <= q_pos[:, None], att, -jnp.inf)  # causal (and unwritten)
-        att = jax.nn.softmax(att, axis=-1)
-        att = nn.Dropout(self.dropout)(att, deterministic=not train).astype(self.dtype)
-        y = jnp.einsum("bhqk,bhkd->bhqd", att, v.astype(self.dtype))
-        y = y.transpose(0, 2, 1, 3).reshape(b, t, c)
-        y = _dense(c, ("heads", "embed"), self.dtype, "c_proj")(y)
-        return nn.Dropout(self.dropout)(y, deterministic=not train), new_cache
-
-
-class Block(nn.Module):
-    """Pre-LayerNorm transformer block: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``."""
-    n_head: int
-    block_size: int
-    dropout: float = 0.0
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, cache=None, pos=0, train: bool = False):
-        c = x.shape[-1]
-        y, new_cache = CausalSelfAttention(self.n_head, self.block_size, self.dropout, self.dtype,
-                                           name="attn")(_layer_norm(self.dtype, "ln_1")(x),
-                                                        cache, pos, train)
-        x = x + y
-        h = _dense(4 * c, ("embed", "mlp"), self.dtype, "c_fc")(_layer_norm(self.dtype, "ln_2")(x))
-        h = _dense(c, ("mlp", "embed"), self.dtype, "mlp_proj")(nn.gelu(h, approximate=False))
-        return x + nn.Dropout(self.dropout)(h, deterministic=not train), new_cache
 
 
 class GPT(nn.Module):
@@ -134,9 +65,12 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(self.dropout)
         # train (4th call argument after self) stays static under remat.
         block = nn.remat(Block, static_argnums=(4,)) if self.remat else Block
-        self.blocks = [block(self.n_head, self.block_size, self.dropout, self.dtype,
-                             name=f"h_{i}") for i in range(self.n_layer)]
-        self.ln_f = _layer_norm(self.dtype, "ln_f")
+        # minGPT's names, init and LayerNorm epsilon; q.k in the compute dtype.
+        self.blocks = [block(self.n_head, 4 * self.n_embd, self.block_size, self.dropout,
+                             self.dropout, float32_logits=False, epsilon=1e-5,
+                             names=("c_attn", "c_proj", "c_fc"), kernel_init=_INIT,
+                             dtype=self.dtype, name=f"h_{i}") for i in range(self.n_layer)]
+        self.ln_f = layer_norm(self.dtype, "ln_f", 1e-5)
         self.head = nn.Dense(self.vocab_size, use_bias=False, dtype=self.dtype,
                              kernel_init=nn.with_logical_partitioning(_INIT, ("embed", "vocab")))
 

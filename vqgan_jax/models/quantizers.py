@@ -1,6 +1,6 @@
 """The quantizer family: ``z_e -> (z_q, aux)`` with one interface, chosen by a config switch.
 
-Kinds (``config.quantizer.kind``, built by :func:`make_quantizer`):
+Kinds (``config.quantizer.kind``; :func:`quantizer_spec` reads the config):
 
 * ``vq``: nearest-neighbour vector quantization with a learned codebook and the
   straight-through estimator (van den Oord et al. 2017, VQ-VAE); optional l2-normalized codes
@@ -36,7 +36,7 @@ come from the ``"quantizer"`` rng stream.
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -114,7 +114,153 @@ def _check_channels(z_e: jax.Array, embed_dim: int) -> None:
                          f"embed_dim={embed_dim}.")
 
 
-class VectorQuantizer(nn.Module):
+def _bad_restart(steps: int) -> None:
+    raise ValueError(f"config.quantizer.restart_unused_steps={steps}: use 0 (off) or, with kind "
+                     "vq or ema_vq, a positive number of steps.")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizerSpec:
+    """The settings of one quantizer kind (``config.quantizer`` less the other kinds' knobs):
+    frozen and hashable (a model field), checked on construction (a ValueError naming the
+    field). Built from a config by :func:`quantizer_spec`; :meth:`make` builds the module."""
+    kind: ClassVar[str]
+
+    def n_codes(self, n_embed: int, embed_dim: int) -> int:
+        """The codebook size this kind has with ``config.model``'s n_embed and embed_dim."""
+        return n_embed
+
+    def make(self, n_embed: int, embed_dim: int, beta: float = 0.25, l2_normalize: bool = False,
+             dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Module:
+        """The quantizer module of this kind: an unbound flax module with ``__call__(z_e,
+        train=False, step=None) -> (z_q, aux)``, ``lookup(indices)`` and ``n_codes``.
+
+        Args: ``config.model``'s n_embed (codebook size; for fsq and lfq it must equal the
+        derived :meth:`n_codes`), embed_dim (for fsq, len(fsq_levels)), beta (commitment weight
+        of vq, ema_vq, lfq) and l2_normalize (vq, ema_vq only); the dtype of z_q; a name.
+
+        Raises:
+          ValueError: l2_normalize with a kind that has no codebook to normalize, or an
+            n_embed / embed_dim that disagrees with the kind.
+        """
+        if l2_normalize and self.kind in ("gumbel", "fsq", "lfq"):
+            raise ValueError(f"config.model.l2_normalize_codes=True has no meaning for the "
+                             f"{self.kind} quantizer; set it to False.")
+        if isinstance(self, FSQSpec) and embed_dim != len(self.fsq_levels):
+            raise ValueError(f"config.model.embed_dim={embed_dim} must equal "
+                             f"len(config.quantizer.fsq_levels)={len(self.fsq_levels)}.")
+        size = self.n_codes(n_embed, embed_dim)
+        if n_embed != size:
+            what = "prod(config.quantizer.fsq_levels)" if self.kind == "fsq" else "2 ** embed_dim"
+            raise ValueError(f"config.model.n_embed={n_embed}, but the {self.kind} codebook has "
+                             f"{what} = {size} codes; set config.model.n_embed={size}.")
+        cls, common = _CLASSES[self.kind], dict(beta=beta, l2_normalize=l2_normalize)
+        common = {k: v for k, v in common.items() if k in {f.name for f in dataclasses.fields(cls)}}
+        return cls(n_embed=n_embed, embed_dim=embed_dim, dtype=dtype, spec=self, name=name,
+                   **common)
+
+
+@dataclasses.dataclass(frozen=True)
+class _EntropySpec(QuantizerSpec):
+    """The entropy loss of vq, ema_vq and lfq (off at weight 0): ``entropy_weight *
+    (per_sample_entropy - entropy_gamma * batch_entropy)`` of the soft assignments
+    ``softmax(-||z - e||^2 / entropy_temperature)`` (temperature > 0)."""
+    entropy_weight: float = 0.0
+    entropy_temperature: float = 0.01
+    entropy_gamma: float = 1.0
+
+    def __post_init__(self):
+        if self.entropy_weight and self.entropy_temperature <= 0:
+            raise ValueError(f"config.quantizer.entropy_temperature={self.entropy_temperature} "
+                             "must be > 0.")
+
+
+@dataclasses.dataclass(frozen=True)
+class LFQSpec(_EntropySpec):
+    """Kind ``lfq`` (:class:`LFQuantizer`): the entropy loss; ``n_codes = 2 ** embed_dim``."""
+    kind: ClassVar[str] = "lfq"
+
+    def n_codes(self, n_embed: int, embed_dim: int) -> int:
+        return 2 ** embed_dim
+
+
+@dataclasses.dataclass(frozen=True)
+class VQSpec(_EntropySpec):
+    """Kind ``vq`` (:class:`VectorQuantizer`): the entropy loss, and ``restart_unused_steps``:
+    re-seed a code unchosen this many train steps (0: off)."""
+    kind: ClassVar[str] = "vq"
+    restart_unused_steps: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.restart_unused_steps < 0:
+            _bad_restart(self.restart_unused_steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class EMAVQSpec(VQSpec):
+    """Kind ``ema_vq`` (:class:`EMAVectorQuantizer`): :class:`VQSpec`'s fields, the decay
+    ``ema_decay`` in (0, 1) and the Laplace smoothing ``ema_epsilon`` > 0."""
+    kind: ClassVar[str] = "ema_vq"
+    ema_decay: float = 0.99
+    ema_epsilon: float = 1e-5
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not (0 < self.ema_decay < 1 and self.ema_epsilon > 0):
+            raise ValueError(f"config.quantizer.ema_decay={self.ema_decay} must be in (0, 1) and "
+                             f"config.quantizer.ema_epsilon={self.ema_epsilon} > 0.")
+
+
+@dataclasses.dataclass(frozen=True)
+class GumbelSpec(QuantizerSpec):
+    """Kind ``gumbel`` (:class:`GumbelQuantizer`): temperatures ``gumbel_tau_start`` and
+    ``gumbel_tau_end`` (> 0), the cosine's length ``gumbel_anneal_steps`` (0: tau_start
+    throughout), the KL term's weight ``gumbel_kl_weight``."""
+    kind: ClassVar[str] = "gumbel"
+    gumbel_tau_start: float = 0.9
+    gumbel_tau_end: float = 1e-6
+    gumbel_anneal_steps: int = 1_000_001
+    gumbel_kl_weight: float = 1e-8
+
+    def __post_init__(self):
+        if not (self.gumbel_tau_start > 0 and self.gumbel_tau_end > 0):
+            raise ValueError(f"config.quantizer.gumbel_tau_start={self.gumbel_tau_start} and "
+                             f"gumbel_tau_end={self.gumbel_tau_end} must be > 0.")
+
+
+@dataclasses.dataclass(frozen=True)
+class FSQSpec(QuantizerSpec):
+    """Kind ``fsq`` (:class:`FSQuantizer`): ``fsq_levels``, levels per channel, each >= 2 with
+    a product (``n_codes``) < 2**31, the int32 index range; the paper's (8, 5, 5, 5) has 1000
+    codes. ``embed_dim`` must equal len(fsq_levels)."""
+    kind: ClassVar[str] = "fsq"
+    fsq_levels: tuple[int, ...] = (8, 5, 5, 5)
+
+    def __post_init__(self):
+        if min(self.fsq_levels, default=0) < 2 or math.prod(self.fsq_levels) >= 2 ** 31:
+            raise ValueError(f"config.quantizer.fsq_levels={self.fsq_levels}: every level must be "
+                             ">= 2 and their product (the codebook size) < 2**31, the int32 index "
+                             "range.")
+
+    def n_codes(self, n_embed: int, embed_dim: int) -> int:
+        return math.prod(self.fsq_levels)
+
+
+class _Quantizer(nn.Module):
+    """The fields every kind has: ``n_embed`` (codebook size K), ``embed_dim`` (code dimension
+    D), ``dtype`` (of z_q; distances and losses are float32); each kind adds ``spec``."""
+    n_embed: int
+    embed_dim: int
+    dtype: Dtype = jnp.float32
+
+    @property
+    def n_codes(self) -> int:
+        """Vocabulary size (what stage 2 sees): ``spec.n_codes(n_embed, embed_dim)``."""
+        return self.spec.n_codes(self.n_embed, self.embed_dim)
+
+
+class VectorQuantizer(_Quantizer):
     """Nearest-neighbour vector quantizer with the straight-through estimator.
 
     Implements van den Oord et al. 2017, eq. 3 (as used by Esser et al. 2021, eq. 4)::
@@ -136,32 +282,18 @@ class VectorQuantizer(nn.Module):
       batch drawn uniformly at random (Dhariwal et al. 2020, Jukebox, sec. 2.3 / Zeghidour et
       al. 2021, SoundStream, sec. 3.3); its counter restarts at 0.
 
-    Attributes:
-      n_embed: codebook size K (>= 2).
-      embed_dim: code dimension D.
+    Attributes (besides n_embed >= 2, embed_dim, dtype):
       beta: commitment weight (0.25 in the papers).
       l2_normalize: if True, both z_e and the codebook are l2-normalized before the lookup
         (Yu et al. 2021, sec. 3.2); this keeps low-dimensional codebooks alive.
-      dtype: dtype of the returned z_q. Distances and losses are always float32.
-      restart_unused_steps: N above; 0 turns restarts off.
-      entropy_weight, entropy_temperature, entropy_gamma: the entropy loss above.
+      spec: :class:`VQSpec`: restart_unused_steps (N above; 0 turns restarts off) and
+        entropy_weight, entropy_temperature, entropy_gamma (the entropy loss above).
     """
-    n_embed: int
-    embed_dim: int
     beta: float = 0.25
     l2_normalize: bool = False
-    dtype: Dtype = jnp.float32
-    restart_unused_steps: int = 0
-    entropy_weight: float = 0.0
-    entropy_temperature: float = 0.01
-    entropy_gamma: float = 1.0
+    spec: VQSpec = VQSpec()
 
     uses_ema = False  # class constant (not a field): EMAVectorQuantizer sets it
-
-    @property
-    def n_codes(self) -> int:
-        """Vocabulary size: n_embed."""
-        return self.n_embed
 
     def setup(self):
         # taming: nn.Embedding initialised U(-1/K, 1/K).
@@ -179,13 +311,13 @@ class VectorQuantizer(nn.Module):
         ``unused_steps``: int32[n_embed], consecutive train steps each code went unchosen
         (only with restart_unused_steps > 0).
         """
-        if self.restart_unused_steps > 0:
+        if self.spec.restart_unused_steps > 0:
             self.unused_steps = self.variable(STATS, "unused_steps", jnp.zeros,
                                               (self.n_embed,), jnp.int32)
 
     @property
     def _has_stats(self) -> bool:
-        return self.uses_ema or self.restart_unused_steps > 0
+        return self.uses_ema or self.spec.restart_unused_steps > 0
 
     def embeddings(self) -> jax.Array:
         """The codebook as used for lookup: float32[n_embed, embed_dim]."""
@@ -233,9 +365,10 @@ class VectorQuantizer(nn.Module):
         if not self.uses_ema:
             terms["codebook_loss"] = jnp.mean((jax.lax.stop_gradient(z) - e) ** 2)
         per_sample = batch = jnp.zeros((), jnp.float32)
-        if self.entropy_weight > 0:
-            per_sample, batch = entropy_terms(-distances / self.entropy_temperature)
-            terms["entropy_loss"] = self.entropy_weight * (per_sample - self.entropy_gamma * batch)
+        if self.spec.entropy_weight > 0:
+            per_sample, batch = entropy_terms(-distances / self.spec.entropy_temperature)
+            terms["entropy_loss"] = self.spec.entropy_weight * (
+                per_sample - self.spec.entropy_gamma * batch)
         z_q = z + jax.lax.stop_gradient(e - z)
 
         update = {}
@@ -263,9 +396,9 @@ class VectorQuantizer(nn.Module):
             new_codebook = jnp.zeros((self.n_embed, self.embed_dim), jnp.float32)
             mask = jnp.zeros((self.n_embed,), bool)
         restarted = jnp.zeros((), jnp.float32)
-        if self.restart_unused_steps > 0:
+        if self.spec.restart_unused_steps > 0:
             unused = jnp.where(counts > 0, 0, self.unused_steps.value + 1)
-            dead = unused >= self.restart_unused_steps
+            dead = unused >= self.spec.restart_unused_steps
             picks = jax.random.randint(self.make_rng(RNG), (self.n_embed,), 0, flat_z.shape[0])
             samples = jnp.take(flat_z, picks, axis=0)
             new_codebook = jnp.where(dead[:, None], samples, new_codebook)
@@ -300,12 +433,10 @@ class EMAVectorQuantizer(VectorQuantizer):
     the averages are of normalized vectors, and lookups normalize e. Restarted codes (if
     restart_unused_steps > 0) reset to N_k = 1, m_k = the sample.
 
-    Attributes (besides :class:`VectorQuantizer`'s):
-      ema_decay: d in (0, 1) (0.99 in van den Oord et al.).
-      ema_epsilon: eps > 0 of the Laplace smoothing (1e-5).
+    Attributes: :class:`VectorQuantizer`'s, with ``spec`` an :class:`EMAVQSpec` (ema_decay: d
+    in (0, 1), 0.99 in van den Oord et al.; ema_epsilon: eps > 0 of the smoothing, 1e-5).
     """
-    ema_decay: float = 0.99
-    ema_epsilon: float = 1e-5
+    spec: EMAVQSpec = EMAVQSpec()
 
     uses_ema = True
 
@@ -319,7 +450,7 @@ class EMAVectorQuantizer(VectorQuantizer):
                                        lambda: jnp.array(self.codebook, jnp.float32, copy=True))
 
     def _ema_update(self, flat_z: jax.Array, flat_idx: jax.Array, counts: jax.Array) -> jax.Array:
-        d, eps, k = self.ema_decay, self.ema_epsilon, self.n_embed
+        d, eps, k = self.spec.ema_decay, self.spec.ema_epsilon, self.n_embed
         sums = jnp.zeros((k, self.embed_dim), jnp.float32).at[flat_idx].add(flat_z)
         cluster_size = d * self.cluster_size.value + (1.0 - d) * counts
         embed_sum = d * self.embed_sum.value + (1.0 - d) * sums
@@ -329,7 +460,7 @@ class EMAVectorQuantizer(VectorQuantizer):
         return embed_sum / smoothed[:, None]
 
 
-class GumbelQuantizer(nn.Module):
+class GumbelQuantizer(_Quantizer):
     """Gumbel-softmax VQ (Jang et al. 2017; taming-transformers' ``GumbelQuantize``).
 
     A 1x1 projection (``proj``, Dense embed_dim -> n_embed) gives logits l over the codes. In
@@ -345,28 +476,10 @@ class GumbelQuantizer(nn.Module):
 
     i.e. KL(q || uniform); vq_loss = kl_loss.
 
-    Attributes:
-      n_embed: codebook size K. embed_dim: code dimension D.
-      beta, l2_normalize: unused (the factory's common arguments); l2_normalize must be False.
-      dtype: dtype of z_q; logits and losses are float32.
-      gumbel_tau_start, gumbel_tau_end: temperatures (> 0).
-      gumbel_anneal_steps: steps of the cosine; 0 keeps tau_start throughout.
-      gumbel_kl_weight: weight of the KL term.
+    Attributes: n_embed (K), embed_dim (D), dtype (of z_q; logits and losses are float32),
+    spec (:class:`GumbelSpec`: the temperatures, the cosine's steps, the KL weight).
     """
-    n_embed: int
-    embed_dim: int
-    beta: float = 0.25
-    l2_normalize: bool = False
-    dtype: Dtype = jnp.float32
-    gumbel_tau_start: float = 0.9
-    gumbel_tau_end: float = 1e-6
-    gumbel_anneal_steps: int = 1_000_001
-    gumbel_kl_weight: float = 1e-8
-
-    @property
-    def n_codes(self) -> int:
-        """Vocabulary size: n_embed."""
-        return self.n_embed
+    spec: GumbelSpec = GumbelSpec()
 
     def setup(self):
         # torch nn.Embedding's N(0, 1), as taming's GumbelQuantize leaves it.
@@ -378,10 +491,10 @@ class GumbelQuantizer(nn.Module):
 
     def temperature(self, step: jax.Array | None) -> jax.Array:
         """tau at train step ``step`` (float32 scalar); tau_start when step is None."""
-        if step is None or self.gumbel_anneal_steps <= 0:
-            return jnp.asarray(self.gumbel_tau_start, jnp.float32)
-        t = jnp.minimum(jnp.asarray(step, jnp.float32) / self.gumbel_anneal_steps, 1.0)
-        lo, hi = self.gumbel_tau_end, self.gumbel_tau_start
+        if step is None or self.spec.gumbel_anneal_steps <= 0:
+            return jnp.asarray(self.spec.gumbel_tau_start, jnp.float32)
+        t = jnp.minimum(jnp.asarray(step, jnp.float32) / self.spec.gumbel_anneal_steps, 1.0)
+        lo, hi = self.spec.gumbel_tau_end, self.spec.gumbel_tau_start
         return lo + 0.5 * (hi - lo) * (1.0 + jnp.cos(jnp.pi * t))
 
     def __call__(self, z_e: jax.Array, train: bool = False, step: jax.Array | None = None
@@ -411,7 +524,7 @@ class GumbelQuantizer(nn.Module):
             indices = jnp.argmax(logits, axis=-1).astype(jnp.int32)
             z_q = jnp.take(self.codebook, indices, axis=0)
         q = jax.nn.softmax(logits, axis=-1)
-        kl = self.gumbel_kl_weight * jnp.mean(
+        kl = self.spec.gumbel_kl_weight * jnp.mean(
             jnp.sum(q * jnp.log(q * self.n_embed + 1e-10), axis=-1))
         return z_q.astype(self.dtype), _aux(indices, self.n_embed, kl_loss=kl, temperature=tau)
 
@@ -442,7 +555,7 @@ def gumbel_softmax_st(logits: jax.Array, key: jax.Array, tau: jax.Array | float
     return hard + y - jax.lax.stop_gradient(y), indices
 
 
-class FSQuantizer(nn.Module):
+class FSQuantizer(_Quantizer):
     """Finite scalar quantization (Mentzer et al. 2023, sec. 3; their reference code).
 
     Channel i (of D = len(fsq_levels)) with L_i levels is bounded and rounded as in the
@@ -462,29 +575,15 @@ class FSQuantizer(nn.Module):
     is the grid, ``n_codes = prod(fsq_levels)``; index = sum_i j_i prod_{l<i} L_l (channel 0
     least significant). No parameters, no losses (all aux losses 0).
 
-    Attributes:
-      n_embed: must equal prod(fsq_levels). embed_dim: must equal len(fsq_levels).
-      beta, l2_normalize: unused (the factory's common arguments); l2_normalize must be False.
-      dtype: dtype of z_q.
-      fsq_levels: levels per channel, each >= 2, with prod(fsq_levels) < 2**31 (int32
-        indices); the paper's (8, 5, 5, 5) has 1000 codes.
+    Attributes: n_embed (= prod(fsq_levels)), embed_dim (= len(fsq_levels)), dtype (of z_q),
+    spec (:class:`FSQSpec`: fsq_levels, the levels per channel).
     """
-    n_embed: int
-    embed_dim: int
-    beta: float = 0.25
-    l2_normalize: bool = False
-    dtype: Dtype = jnp.float32
-    fsq_levels: Sequence[int] = (8, 5, 5, 5)
-
-    @property
-    def n_codes(self) -> int:
-        """Vocabulary size: prod(fsq_levels)."""
-        return math.prod(self.fsq_levels)
+    spec: FSQSpec = FSQSpec()
 
     def _levels(self) -> tuple[jax.Array, jax.Array, jax.Array]:
-        levels = jnp.asarray(self.fsq_levels, jnp.int32)
-        basis = jnp.asarray([math.prod(self.fsq_levels[:i]) for i in range(len(self.fsq_levels))],
-                            jnp.int32)
+        fsq_levels = self.spec.fsq_levels
+        levels = jnp.asarray(fsq_levels, jnp.int32)
+        basis = jnp.asarray([math.prod(fsq_levels[:i]) for i in range(len(fsq_levels))], jnp.int32)
         return levels, levels // 2, basis
 
     def __call__(self, z_e: jax.Array, train: bool = False, step: jax.Array | None = None
@@ -520,7 +619,7 @@ class FSQuantizer(nn.Module):
         return ((digits - half_width) / half_width).astype(self.dtype)
 
 
-class LFQuantizer(nn.Module):
+class LFQuantizer(_Quantizer):
     """Lookup-free quantization (Yu et al. 2023, MAGVIT-v2, sec. 3.1).
 
     Each channel becomes one bit: ``z_q = sign(z)`` in {-1, 1}^D (0 maps to -1), with the
@@ -536,25 +635,12 @@ class LFQuantizer(nn.Module):
     over all 2^D codes, which costs float32[N, 2^D] memory for N vectors (computed only when
     entropy_weight > 0; keep embed_dim <= ~14 with the entropy loss on).
 
-    Attributes:
-      n_embed: must equal 2 ** embed_dim. embed_dim: D, the bits per code.
-      beta: commitment weight. l2_normalize: must be False.
-      dtype: dtype of z_q; losses are float32.
-      entropy_weight, entropy_temperature, entropy_gamma: as above (MAGVIT-v2: 0.1, -, 1).
+    Attributes: n_embed (= 2 ** embed_dim), embed_dim (D, the bits per code), dtype (of z_q;
+    losses are float32), beta (commitment weight), spec (:class:`LFQSpec`: entropy_weight,
+    entropy_temperature, entropy_gamma as above; MAGVIT-v2: 0.1, -, 1).
     """
-    n_embed: int
-    embed_dim: int
     beta: float = 0.25
-    l2_normalize: bool = False
-    dtype: Dtype = jnp.float32
-    entropy_weight: float = 0.0
-    entropy_temperature: float = 0.01
-    entropy_gamma: float = 1.0
-
-    @property
-    def n_codes(self) -> int:
-        """Vocabulary size: 2 ** embed_dim."""
-        return 2 ** self.embed_dim
+    spec: LFQSpec = LFQSpec()
 
     def _bits(self) -> jax.Array:
         """int32[D] place values, most significant first."""
@@ -563,7 +649,7 @@ class LFQuantizer(nn.Module):
     def entropy_terms(self, z: jax.Array) -> tuple[jax.Array, jax.Array]:
         """``(per_sample_entropy, batch_entropy)`` in nats of q(c | z) for z float[..., D]."""
         z = z.astype(jnp.float32).reshape(-1, self.embed_dim)
-        logit = 4.0 * z / self.entropy_temperature           # log q(1|z_i) - log q(-1|z_i)
+        logit = 4.0 * z / self.spec.entropy_temperature           # log q(1|z_i) - log q(-1|z_i)
         log_p, log_m = jax.nn.log_sigmoid(logit), jax.nn.log_sigmoid(-logit)
         per_sample = jnp.mean(-jnp.sum(jnp.exp(log_p) * log_p + jnp.exp(log_m) * log_m, -1))
         codes = ((jnp.arange(self.n_codes)[:, None] // self._bits()) % 2).astype(jnp.float32)
@@ -588,9 +674,10 @@ class LFQuantizer(nn.Module):
         indices = jnp.sum(positive.astype(jnp.int32) * self._bits(), axis=-1)
         terms = dict(commitment_loss=self.beta * jnp.mean((z - codes) ** 2))
         per_sample = batch = jnp.zeros((), jnp.float32)
-        if self.entropy_weight > 0:
+        if self.spec.entropy_weight > 0:
             per_sample, batch = self.entropy_terms(z)
-            terms["entropy_loss"] = self.entropy_weight * (per_sample - self.entropy_gamma * batch)
+            terms["entropy_loss"] = self.spec.entropy_weight * (
+                per_sample - self.spec.entropy_gamma * batch)
         return z_q.astype(self.dtype), _aux(indices, self.n_codes, **terms,
                                             per_sample_entropy=per_sample, batch_entropy=batch)
 
@@ -602,80 +689,34 @@ class LFQuantizer(nn.Module):
 
 _CLASSES = {"vq": VectorQuantizer, "ema_vq": EMAVectorQuantizer, "gumbel": GumbelQuantizer,
             "fsq": FSQuantizer, "lfq": LFQuantizer}
-_COMMON = ("n_embed", "embed_dim", "beta", "l2_normalize", "dtype", "parent", "name")
+SPECS = {"vq": VQSpec, "ema_vq": EMAVQSpec, "gumbel": GumbelSpec, "fsq": FSQSpec, "lfq": LFQSpec}
 
 
-def knob_names() -> set[str]:
-    """Every kind-specific field any quantizer has (the knobs of ``config.quantizer``)."""
-    return {f.name for cls in _CLASSES.values() for f in dataclasses.fields(cls)} - set(_COMMON)
-
-
-def check_fsq_levels(levels: Sequence[int]) -> None:
-    """Raise a ValueError naming ``config.quantizer.fsq_levels`` unless every level is >= 2 and
-    their product (the codebook size) fits int32 indices (< 2**31)."""
-    levels = tuple(levels)
-    if min(levels, default=0) < 2 or math.prod(levels) >= 2 ** 31:
-        raise ValueError(f"config.quantizer.fsq_levels={levels}: every level must be >= 2 and "
-                         "their product (the codebook size) < 2**31, the int32 index range.")
-
-
-def make_quantizer(kind: str, n_embed: int, embed_dim: int, beta: float = 0.25,
-                   l2_normalize: bool = False, dtype: Dtype = jnp.float32, name: str | None = None,
-                   **knobs: Any) -> nn.Module:
-    """The quantizer module of ``kind`` (see the module docstring).
+def quantizer_spec(quantizer: Any = None) -> QuantizerSpec:
+    """The typed spec of ``config.quantizer``: the one place a quantizer config is read.
 
     Args:
-      kind: one of :data:`KINDS` (``config.quantizer.kind``).
-      n_embed: codebook size; for fsq and lfq it must equal the derived size
-        (prod(fsq_levels), 2**embed_dim).
-      embed_dim: code dimension (for fsq, len(fsq_levels)).
-      beta: commitment weight (vq, ema_vq, lfq).
-      l2_normalize: l2-normalized codes (vq, ema_vq only).
-      dtype: dtype of z_q.
-      name: the module's name (VQModel uses "quantize").
-      **knobs: the other ``config.quantizer`` fields; those the kind has no field for are
-        ignored (a config carries every kind's knobs).
-
-    Returns:
-      An unbound flax module with ``__call__(z_e, train=False, step=None) -> (z_q, aux)``,
-      ``lookup(indices)`` and ``n_codes``.
+      quantizer: ``config.quantizer`` (a ConfigDict or a mapping): ``kind`` (default "vq")
+        and knobs of every kind (those of other kinds are ignored); None (a config written
+        before quantizers were selectable) is plain VQ. Lists (JSON) become tuples.
 
     Raises:
-      ValueError: for an unknown kind or knob name, l2_normalize with a kind that has no
-        codebook to normalize, fsq levels the int32 grid cannot hold (a level < 2, a product
-        >= 2**31), or an n_embed / embed_dim that disagrees with the kind.
+      ValueError: for an unknown kind or knob name, restart_unused_steps with a kind that
+        has no restarts, or a value the kind's spec rejects (each names the field).
     """
-    if kind not in _CLASSES:
+    items = {} if quantizer is None else dict(
+        quantizer.to_dict() if hasattr(quantizer, "to_dict") else quantizer)
+    kind = items.pop("kind", "vq")
+    if kind not in SPECS:
         raise ValueError(f"config.quantizer.kind={kind!r} is not a quantizer; use one of "
                          f"{list(KINDS)}.")
-    unknown = set(knobs) - knob_names()
-    if unknown:
-        raise ValueError(f"unknown config.quantizer field(s) {sorted(unknown)}; the quantizers "
-                         f"take {sorted(knob_names())}.")
-    cls = _CLASSES[kind]
-    own = {f.name for f in dataclasses.fields(cls)}
-    knobs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in knobs.items() if k in own}
-    if l2_normalize and kind in ("gumbel", "fsq", "lfq"):
-        raise ValueError(f"config.model.l2_normalize_codes=True has no meaning for the {kind} "
-                         "quantizer; set it to False.")
-    module = cls(n_embed=n_embed, embed_dim=embed_dim, beta=beta, l2_normalize=l2_normalize,
-                 dtype=dtype, name=name, **knobs)
-    if kind == "fsq":
-        check_fsq_levels(module.fsq_levels)
-    if kind == "fsq" and embed_dim != len(module.fsq_levels):
-        raise ValueError(f"config.model.embed_dim={embed_dim} must equal "
-                         f"len(config.quantizer.fsq_levels)={len(module.fsq_levels)}.")
-    if module.n_codes != n_embed:
-        raise ValueError(f"config.model.n_embed={n_embed}, but the {kind} quantizer has "
-                         f"{module.n_codes} codes; set config.model.n_embed={module.n_codes}.")
-    return module
+    knobs = {f.name for spec in SPECS.values() for f in dataclasses.fields(spec)}
+    if set(items) - knobs:
+        raise ValueError(f"unknown config.quantizer field(s) {sorted(set(items) - knobs)}; the "
+                         f"quantizers take {sorted(knobs)}.")
+    if items.get("restart_unused_steps", 0) and kind not in ("vq", "ema_vq"):
+        _bad_restart(items["restart_unused_steps"])
+    cls = SPECS[kind]
+    return cls(**{f.name: tuple(items[f.name]) if isinstance(items[f.name], list)
+                  else items[f.name] for f in dataclasses.fields(cls) if f.name in items})
 
-
-def quantizer_fields(quantizer: Any) -> tuple[tuple[str, Any], ...]:
-    """``config.quantizer`` (a ConfigDict, a mapping, or None for plain VQ) as the hashable
-    sorted ``((name, value), ...)`` that :class:`vqgan_jax.models.vqgan.VQModel` takes
-    (lists, as a config read back from JSON has them, become tuples)."""
-    if quantizer is None:
-        return ()
-    items = quantizer.to_dict() if hasattr(quantizer, "to_dict") else dict(quantizer)
-    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in items.items()))

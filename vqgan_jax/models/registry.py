@@ -43,7 +43,7 @@ def build_models(config: ml_collections.ConfigDict) -> tuple[Tokenizer, Discrimi
     dtype = DTYPES[config.dtype]
     vq = ARCHS[config.arch](
         **config.model.to_dict(), resolution=config.image_size, dtype=dtype,
-        quantizer=quantizers.quantizer_fields(config.get("quantizer")))
+        quantizer=quantizers.quantizer_spec(config.get("quantizer")))
     disc_cls, fields = DISCS[config.disc.kind]
     disc = disc_cls(**{k: config.disc[k] for k in fields}, dtype=dtype)
     return vq, disc

@@ -20,10 +20,11 @@ paper; a larger one (full-size held-out photos, large samples) is edge-padded to
 of the window, each window is processed independently, and the result is cropped back. The
 model thus never sees a sequence longer than in training, and memory stays bounded.
 
-Parameter names carry the logical axes of :mod:`vqgan_jax.models.gpt` (``embed``, ``heads``,
-``mlp``; ``None`` on pixel and position axes; ``codebook_d`` on the code dimension). Each
-block's output ``[N, T, width]`` has its (window) batch axis laid out by the
-``activation_batch`` rule when a step is traced under sharding rules (a no-op elsewhere).
+The blocks are :mod:`vqgan_jax.models.transformer_layers`' (the GPT's too). Parameters carry
+logical axes (``embed``, ``heads``, ``mlp``; ``None`` on pixel and position axes;
+``codebook_d`` on the code dimension). Each block's output ``[N, T, width]`` has its (window)
+batch axis laid out by the ``activation_batch`` rule when a step is traced under sharding
+rules (a no-op elsewhere).
 """
 
 from typing import Any, ClassVar
@@ -32,11 +33,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vqgan_jax.models.quantizers import make_quantizer
+from vqgan_jax.models.quantizers import QuantizerSpec, VQSpec
+from vqgan_jax.models.transformer_layers import Block, dense, layer_norm
 
 Dtype = Any
 
-_KERNEL_INIT = nn.initializers.xavier_uniform()  # vit_jax's Dense init
 _POS_INIT = nn.initializers.normal(stddev=0.02)
 TOKEN_AXES = ("activation_batch", None, None)   # [N, T, width] token activations
 
@@ -46,18 +47,6 @@ VIT_SIZES = {
     "base": dict(layers=12, width=768, heads=12, mlp_dim=3072),
     "large": dict(layers=32, width=1280, heads=16, mlp_dim=5120),
 }
-
-
-def _dense(features: int, axes: tuple, dtype: Dtype, name: str) -> nn.Dense:
-    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name,
-                    kernel_init=nn.with_logical_partitioning(_KERNEL_INIT, axes),
-                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)))
-
-
-def _layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, name=name,
-                        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
 
 
 def patchify(x: jax.Array, p: int) -> jax.Array:
@@ -95,45 +84,6 @@ def from_windows(t: jax.Array, shape: tuple[int, int, int], g: int) -> jax.Array
     return t.reshape(b, nh * g, nw * g, c)[:, :h, :w]
 
 
-class MultiHeadSelfAttention(nn.Module):
-    """Bidirectional multi-head self-attention, ``[N, T, width] -> [N, T, width]``; the
-    softmax runs in float32. Parameters as gpt.py's: ``qkv`` (embed, heads), ``proj``
-    (heads, embed)."""
-    num_heads: int
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        n, t, c = x.shape
-        hd = c // self.num_heads
-        qkv = _dense(3 * c, ("embed", "heads"), self.dtype, "qkv")(x)
-        q, k, v = jnp.moveaxis(qkv.reshape(n, t, 3, self.num_heads, hd), 2, 0)  # (N, T, H, hd)
-        scores = jnp.einsum("nqhd,nkhd->nhqk", q, k, preferred_element_type=jnp.float32)
-        probs = jax.nn.softmax(scores * hd ** -0.5, axis=-1).astype(v.dtype)
-        y = jnp.einsum("nhqk,nkhd->nqhd", probs, v).reshape(n, t, c)
-        return _dense(c, ("heads", "embed"), self.dtype, "proj")(y)
-
-
-class TransformerBlock(nn.Module):
-    """Pre-LayerNorm block: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))`` (GELU MLP of
-    width ``mlp_dim``); dropout on both residual branches when training."""
-    num_heads: int
-    mlp_dim: int
-    dropout: float = 0.0
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        c = x.shape[-1]
-        drop = lambda y: nn.Dropout(self.dropout, deterministic=not train)(y)
-        x = x + drop(MultiHeadSelfAttention(self.num_heads, self.dtype, name="attn")(
-            _layer_norm(self.dtype, "ln_1")(x)))
-        h = _layer_norm(self.dtype, "ln_2")(x)
-        h = _dense(self.mlp_dim, ("embed", "mlp"), self.dtype, "fc")(h)
-        h = _dense(c, ("mlp", "embed"), self.dtype, "mlp_proj")(nn.gelu(h, approximate=False))
-        return x + drop(h)
-
-
 class _Transformer(nn.Module):
     """Position embedding + ``layers`` blocks + final LayerNorm over ``[N, g*g, width]``."""
     grid: int
@@ -147,16 +97,16 @@ class _Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, h: jax.Array, train: bool = False) -> jax.Array:
-        # train (2nd call argument after self) stays static under remat.
-        block = nn.remat(TransformerBlock, static_argnums=(2,)) if self.remat else TransformerBlock
+        # train (4th call argument after self) stays static under remat.
+        block = nn.remat(Block, static_argnums=(4,)) if self.remat else Block
         pos = self.param("pos_embedding", nn.with_logical_partitioning(_POS_INIT, (None, "embed")),
                          (self.grid * self.grid, self.width), jnp.float32)
         h = h + jnp.asarray(pos).astype(self.dtype)[None]
         for i in range(self.layers):
-            h = block(self.heads, self.mlp_dim, self.dropout, self.dtype,
-                      name=f"block_{i}")(h, train)
+            h = block(self.heads, self.mlp_dim, dropout=self.dropout, dtype=self.dtype,
+                      name=f"block_{i}")(h, None, 0, train)[0]
             h = nn.with_logical_constraint(h, TOKEN_AXES)
-        return _layer_norm(self.dtype, "ln_f")(h)
+        return layer_norm(self.dtype, "ln_f", 1e-6)(h)
 
 
 class ViTEncoder(nn.Module):
@@ -180,11 +130,11 @@ class ViTEncoder(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         t = patchify(x.astype(self.dtype), self.patch_size)  # (B, h, w, p*p*3)
         shape = t.shape[:3]
-        h = _dense(self.width, (None, "embed"), self.dtype, "patch_embed")(to_windows(t, self.grid))
+        h = dense(self.width, (None, "embed"), self.dtype, "patch_embed")(to_windows(t, self.grid))
         h = _Transformer(self.grid, self.layers, self.width, self.heads, self.mlp_dim,
                          self.dropout, self.dtype, self.remat, name="transformer")(h, train)
-        h = jnp.tanh(_dense(self.mlp_dim, ("embed", "mlp"), self.dtype, "head_fc")(h))
-        h = _dense(self.width, ("mlp", "embed"), self.dtype, "head_out")(h)
+        h = jnp.tanh(dense(self.mlp_dim, ("embed", "mlp"), self.dtype, "head_fc")(h))
+        h = dense(self.width, ("mlp", "embed"), self.dtype, "head_out")(h)
         return from_windows(h, shape, self.grid)
 
 
@@ -209,9 +159,9 @@ class ViTDecoder(nn.Module):
     def setup(self):
         self.transformer = _Transformer(self.grid, self.layers, self.width, self.heads,
                                         self.mlp_dim, self.dropout, self.dtype, self.remat)
-        self.head_fc = _dense(self.mlp_dim, ("embed", "mlp"), self.dtype, "head_fc")
-        self.to_pixels = _dense(self.patch_size ** 2 * self.out_ch, ("mlp", None), self.dtype,
-                                "to_pixels")
+        self.head_fc = dense(self.mlp_dim, ("embed", "mlp"), self.dtype, "head_fc")
+        self.to_pixels = dense(self.patch_size ** 2 * self.out_ch, ("mlp", None), self.dtype,
+                               "to_pixels")
 
     def features(self, z: jax.Array, train: bool = False) -> jax.Array:
         """``[B, h, w, width] -> [B, h, w, mlp_dim]``: everything before ``to_pixels``."""
@@ -243,9 +193,9 @@ class ViTVQModel(nn.Module):
       n_embed: codebook size (8192 in the paper).
       beta: commitment weight of the VQ loss.
       dropout: dropout on the residual branches (training only).
-      quantizer: ``config.quantizer`` as sorted ``((name, value), ...)``
-        (:func:`vqgan_jax.models.quantizers.quantizer_fields`); ``()`` is plain VQ. vq and
-        ema_vq look up l2-normalized codes; fsq, lfq and gumbel have no normalized form.
+      quantizer: the kind and its settings (:func:`vqgan_jax.models.quantizers.quantizer_spec`
+        of ``config.quantizer``). vq and ema_vq look up l2-normalized codes; fsq, lfq and
+        gumbel have no normalized form.
       remat: rematerialize every transformer block in the backward pass (same parameters
         and results; less activation memory for more compute).
       dtype: compute dtype (parameters are float32; quantizer distances in float32).
@@ -267,7 +217,7 @@ class ViTVQModel(nn.Module):
     n_embed: int = 8192
     beta: float = 0.25
     dropout: float = 0.0
-    quantizer: tuple = ()
+    quantizer: QuantizerSpec = VQSpec()
     remat: bool = False
     dtype: Dtype = jnp.float32
 
@@ -282,16 +232,13 @@ class ViTVQModel(nn.Module):
         self.decoder = ViTDecoder(self.patch_size, grid, self.dec_layers, self.dec_width,
                                   self.dec_heads, self.dec_mlp_dim, self.dropout, dtype=self.dtype,
                                   remat=self.remat)
-        self.quant_proj = _dense(self.embed_dim, ("embed", "codebook_d"), self.dtype, "quant_proj")
-        self.post_quant_proj = _dense(self.dec_width, ("codebook_d", "embed"), self.dtype,
-                                      "post_quant_proj")
+        self.quant_proj = dense(self.embed_dim, ("embed", "codebook_d"), self.dtype, "quant_proj")
+        self.post_quant_proj = dense(self.dec_width, ("codebook_d", "embed"), self.dtype,
+                                     "post_quant_proj")
         # The paper's factorized codes: vq / ema_vq look up l2-normalized codes (Yu et al. 2021
         # sec. 3.2); the other kinds (fsq, lfq, gumbel) have no normalized form.
-        knobs = dict(self.quantizer)
-        kind = knobs.pop("kind", "vq")
-        self.quantize = make_quantizer(kind, self.n_embed, self.embed_dim, self.beta,
-                                       l2_normalize=kind in ("vq", "ema_vq"), dtype=self.dtype,
-                                       **knobs)
+        self.quantize = self.quantizer.make(self.n_embed, self.embed_dim, self.beta,
+                                            self.quantizer.kind in ("vq", "ema_vq"), self.dtype)
 
     @property
     def downsample_factor(self) -> int:

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from vqgan_jax.models.blocks import AttnBlock, Downsample, ResnetBlock, Upsample, conv, group_norm
-from vqgan_jax.models.quantizers import make_quantizer
+from vqgan_jax.models.quantizers import QuantizerSpec, VQSpec
 
 Dtype = Any
 
@@ -157,10 +157,8 @@ class VQModel(nn.Module):
       n_embed: codebook size.
       beta: commitment weight of the VQ loss.
       l2_normalize_codes: l2-normalize codes and encoder outputs before lookup.
-      quantizer: ``config.quantizer`` as sorted ``((name, value), ...)``
-        (:func:`vqgan_jax.models.quantizers.quantizer_fields`): ``kind`` and its knobs, built
-        by :func:`vqgan_jax.models.quantizers.make_quantizer`; ``()`` is plain VQ. Every kind
-        is the submodule ``quantize``; plain VQ's parameters are exactly taming's.
+      quantizer: the kind and its settings (``quantizers.quantizer_spec(config.quantizer)``),
+        the submodule ``quantize``; plain VQ's parameters are exactly taming's.
       norm_groups: GroupNorm groups (32 in taming).
       remat: rematerialize every ResnetBlock and AttnBlock in the backward pass (same
         parameters and results; less activation memory for about one more forward pass).
@@ -181,7 +179,7 @@ class VQModel(nn.Module):
     l2_normalize_codes: bool = False
     dropout: float = 0.0
     norm_groups: int = 32
-    quantizer: tuple = ()
+    quantizer: QuantizerSpec = VQSpec()
     dtype: Dtype = jnp.float32
     remat: bool = False
 
@@ -197,9 +195,8 @@ class VQModel(nn.Module):
         self.decoder = Decoder(**layout)
         self.quant_conv = conv(self.embed_dim, 1, dtype=self.dtype)
         self.post_quant_conv = conv(self.z_channels, 1, dtype=self.dtype)
-        knobs = dict(self.quantizer)
-        self.quantize = make_quantizer(knobs.pop("kind", "vq"), self.n_embed, self.embed_dim,
-                                       self.beta, self.l2_normalize_codes, self.dtype, **knobs)
+        self.quantize = self.quantizer.make(self.n_embed, self.embed_dim, self.beta,
+                                            self.l2_normalize_codes, self.dtype)
 
     @property
     def downsample_factor(self) -> int:

@@ -449,7 +449,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
                                  f"by config.model.{part}_heads={m[f'{part}_heads']}.")
     if m.n_embed < 2:
         raise ValueError(f"config.model.n_embed={m.n_embed}; a codebook needs at least 2 codes.")
-    _validate_quantizer(config)
+    quantizers.quantizer_spec(config.get("quantizer")).make(  # config.quantizer vs config.model
+        m.n_embed, m.embed_dim, l2_normalize=m.get("l2_normalize_codes", False))
     if disc_kind == "stylegan":
         size = config.image_size
         if size < 8 or size & (size - 1):
@@ -484,42 +485,6 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     if config.max_consecutive_nonfinite < 1:
         raise ValueError(f"config.max_consecutive_nonfinite={config.max_consecutive_nonfinite} "
                          "must be >= 1 (the number of NaN/Inf steps in a row that stops a run).")
-
-
-def _validate_quantizer(config: ml_collections.ConfigDict) -> None:
-    """config.quantizer against config.model (see :func:`validate_config`)."""
-    q, m = config.get("quantizer"), config.model
-    if q is None:  # a config written before quantizers were selectable: plain VQ
-        return
-    if q.kind not in quantizers.KINDS:
-        raise ValueError(f"config.quantizer.kind={q.kind!r} is not a quantizer; use one of "
-                         f"{list(quantizers.KINDS)}.")
-    if q.kind in ("gumbel", "fsq", "lfq") and m.get("l2_normalize_codes", False):
-        raise ValueError(f"config.model.l2_normalize_codes=True has no meaning for the "
-                         f"{q.kind} quantizer; set it to False.")
-    if q.restart_unused_steps < 0 or (q.restart_unused_steps and q.kind not in ("vq", "ema_vq")):
-        raise ValueError(f"config.quantizer.restart_unused_steps={q.restart_unused_steps}: "
-                         "use 0 (off) or, with kind vq or ema_vq, a positive number of steps.")
-    if q.kind == "ema_vq" and not (0 < q.ema_decay < 1 and q.ema_epsilon > 0):
-        raise ValueError(f"config.quantizer.ema_decay={q.ema_decay} must be in (0, 1) and "
-                         f"config.quantizer.ema_epsilon={q.ema_epsilon} > 0.")
-    if q.kind in ("vq", "ema_vq", "lfq") and q.entropy_weight and q.entropy_temperature <= 0:
-        raise ValueError(f"config.quantizer.entropy_temperature={q.entropy_temperature} "
-                         "must be > 0.")
-    if q.kind == "gumbel" and not (q.gumbel_tau_start > 0 and q.gumbel_tau_end > 0):
-        raise ValueError(f"config.quantizer.gumbel_tau_start={q.gumbel_tau_start} and "
-                         f"gumbel_tau_end={q.gumbel_tau_end} must be > 0.")
-    if q.kind == "fsq":
-        levels = tuple(q.fsq_levels)
-        quantizers.check_fsq_levels(levels)
-        if m.embed_dim != len(levels):
-            raise ValueError(f"config.model.embed_dim={m.embed_dim} must equal "
-                             f"len(config.quantizer.fsq_levels)={len(levels)}.")
-    size = {"fsq": int(np.prod(q.fsq_levels)), "lfq": 2 ** m.embed_dim}.get(q.kind)
-    if size is not None and m.n_embed != size:
-        what = "prod(config.quantizer.fsq_levels)" if q.kind == "fsq" else "2 ** embed_dim"
-        raise ValueError(f"config.model.n_embed={m.n_embed}, but the {q.kind} codebook has "
-                         f"{what} = {size} codes; set config.model.n_embed={size}.")
 
 
 def _eval_images(config, f: int) -> list[np.ndarray]:
