@@ -81,7 +81,7 @@ def reconstructions(workdir: pathlib.Path, images: list[np.ndarray]) -> list[np.
     mesh = parallel.create_mesh(devices=jax.devices()[:1])
     config, g_params, _ = evaluation.restore_tokenizer(str(workdir), None, mesh)
     vq, _ = tokenizer.build_models(config)
-    return tokenizer.evaluate(g_params, load_lpips_params(), images, vq)[1]
+    return evaluation.evaluate(g_params, load_lpips_params(), images, vq)[1]
 
 
 def picture(names: list[str], originals: list[np.ndarray],
