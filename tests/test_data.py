@@ -279,6 +279,9 @@ def test_eval_images_and_center_crop_resize(folder):
     images = pipeline.eval_images(sources.get_source(f"folder:{folder}", "train"),
                                   multiple_of=8, max_images=3)
     assert len(images) == 3 and all(x.shape[0] % 8 == x.shape[1] % 8 == 0 for x in images)
+    resized = pipeline.eval_images(sources.get_source(f"folder:{folder}", "train"),
+                                   image_size=16, max_images=2)  # the evaluation protocol
+    assert [x.shape for x in resized] == [(16, 16, 3)] * 2
     out = pipeline.center_crop_resize(_rgb(30, 50), 16)
     assert out.shape == (16, 16, 3) and out.dtype == np.float32 and out.min() >= -1
 

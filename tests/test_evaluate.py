@@ -79,7 +79,7 @@ def test_library_evaluation_with_rfid_and_reference_stats(trained):
     source = sources.get_source(trained["dataset"], "validation")
     images = [pipeline.center_crop_resize(source[i]["image"], 32) for i in range(5)]
     vq = registry.build_models(config)[0]
-    direct, _ = tokenizer.evaluate(g_params, load_lpips_params(), images, vq)
+    direct, _ = evaluation.evaluate(g_params, load_lpips_params(), images, vq)
     for key in ("psnr", "ssim", "lpips", "codebook_usage", "perplexity"):
         np.testing.assert_allclose(report[key], direct[key], rtol=1e-4, err_msg=key)
     assert 0 < report["psnr"] < 100 and 0 < report["ssim"] < 1 and report["lpips"] > 0

@@ -171,3 +171,11 @@ def test_max_consecutive_nonfinite_must_be_positive():
     config.max_consecutive_nonfinite = 0
     with pytest.raises(ValueError, match="config.max_consecutive_nonfinite"):
         T.validate_config(config, num_devices=1)
+
+
+@pytest.mark.parametrize("field", ["log_every_steps", "checkpoint_every_steps", "eval_every_steps"])
+def test_step_intervals_must_be_positive(field):
+    config = load_config("demo")
+    config[field] = 0
+    with pytest.raises(ValueError, match=f"config.{field}=0 must be >= 1"):
+        T.validate_config(config, num_devices=1)

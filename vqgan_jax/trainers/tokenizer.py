@@ -32,13 +32,11 @@ import numpy as np
 import optax
 from absl import logging
 
-from vqgan_jax import losses, parallel, workdir as workdir_lib
-from vqgan_jax.evaluation import comparison_grid, score_reconstructions
-from vqgan_jax import metrics as metrics_lib
+from vqgan_jax import evaluation, losses, parallel, workdir as workdir_lib
 from vqgan_jax.data import pipeline, sources
 from vqgan_jax.models import quantizers
 from vqgan_jax.models.lpips import load_lpips_params, lpips_fn
-from vqgan_jax.models.registry import ARCHS, DISCS, DTYPES, Tokenizer
+from vqgan_jax.models.registry import ARCHS, DISCS, DTYPES
 from vqgan_jax.state.tokenizer import (StepConfig, TrainState, build_step_config, eval_params,
                                        init_state)
 from vqgan_jax.trainers import loop
@@ -360,11 +358,8 @@ def jit_train_step(sc: StepConfig, mesh, state_shardings, lpips_params, adversar
                             and isinstance(x.sharding, jax.sharding.NamedSharding)
                             and x.sharding.mesh == mesh else parallel.replicated(mesh),
                             lpips_params)
-    return jax.jit(
-        functools.partial(train_step, sc=sc, adversarial=adversarial),
-        in_shardings=(state_shardings, parallel.batch_sharding(mesh), lpips_in),
-        out_shardings=(state_shardings, parallel.replicated(mesh)),
-        donate_argnums=0)
+    return loop.jit_step(functools.partial(train_step, sc=sc, adversarial=adversarial), mesh,
+                         state_shardings, lpips_in)
 
 
 def lpips_shardings(mesh, rules) -> Any:
@@ -375,28 +370,6 @@ def lpips_shardings(mesh, rules) -> Any:
     return parallel.state_shardings(abstract, mesh, rules)
 
 
-# ----------------------------------------------------------------------------- evaluation
-
-reconstruct = jax.jit(score_reconstructions, static_argnames="vq")
-
-
-def evaluate(g_params: Any, lpips_params: Any, images: list[np.ndarray], vq: Tokenizer
-             ) -> tuple[dict[str, float], list[np.ndarray]]:
-    """Held-out metrics over ``images`` (each float32[H, W, 3] in [-1, 1], sizes may differ).
-
-    Returns ``(metrics, reconstructions)``: metrics ``psnr`` (dB), ``ssim`` and ``lpips``
-    averaged over images, ``codebook_usage`` (fraction of the n_embed codes used over all
-    images) and ``perplexity`` of all their codes (:mod:`vqgan_jax.metrics`);
-    reconstructions float32[H, W, 3] in [-1, 1].
-    """
-    outs = [jax.device_get(reconstruct(g_params, lpips_params, img[None], vq=vq)) for img in images]
-    counts = sum(np.asarray(metrics_lib.code_histogram(o["indices"], vq.n_embed)) for o in outs)
-    metrics = {k: float(np.mean([o[k][0] for o in outs])) for k in ("psnr", "ssim", "lpips")}
-    metrics.update(codebook_usage=metrics_lib.codebook_usage(counts),
-                   perplexity=metrics_lib.perplexity(counts), num_images=len(images))
-    return metrics, [o["x_hat"][0] for o in outs]
-
-
 # ----------------------------------------------------------------------------- the job
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
@@ -405,8 +378,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     Raises:
       ValueError: on any field that cannot work, e.g. an unknown ``config.arch``,
         ``config.disc.kind``, ``config.loss.disc_loss`` or ``config.loss.gen_loss`` (the
-        message names the field and the valid choices).
+        message names the field and the valid choices); and as :func:`loop.check_config`.
     """
+    loop.check_config(config, num_devices, DTYPES)
     m = config.model
     arch = config.get("arch", "vqgan")
     if arch not in ARCHS:
@@ -414,8 +388,6 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     disc_kind = config.disc.get("kind", "patchgan")
     if disc_kind not in DISCS:
         raise ValueError(f"config.disc.kind={disc_kind!r}; use one of {sorted(DISCS)}.")
-    if config.dtype not in DTYPES:
-        raise ValueError(f"config.dtype={config.dtype!r}; use one of {sorted(DTYPES)}.")
     o = config.optimizer
     if o.get("lr_schedule", "constant") not in ("constant", "cosine"):
         raise ValueError(f"config.optimizer.lr_schedule={o.lr_schedule!r}; use 'constant' or "
@@ -470,9 +442,6 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     for field in ("ema_decay", "lecam_ema_decay"):
         if not 0.0 <= loss.get(field, 0.0) < 1.0:
             raise ValueError(f"config.loss.{field}={loss[field]} must be in [0, 1).")
-    if config.batch_size % num_devices:
-        raise ValueError(f"config.batch_size={config.batch_size} (global) is not divisible by "
-                         f"the {num_devices} devices the batch is split over.")
     if config.loss.perceptual_weight > 0 and config.image_size < 32:
         raise ValueError(f"config.image_size={config.image_size}: LPIPS (VGG16, four 2x poolings) "
                          "needs at least 32 pixels; use larger images or "
@@ -480,49 +449,53 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     if config.loss.disc_loss not in losses.D_LOSSES:
         raise ValueError(f"config.loss.disc_loss={config.loss.disc_loss!r}; use one of "
                          f"{sorted(losses.D_LOSSES)}.")
-    if config.num_train_steps < 0:
-        raise ValueError("config.num_train_steps must be >= 0.")
-    if config.max_consecutive_nonfinite < 1:
-        raise ValueError(f"config.max_consecutive_nonfinite={config.max_consecutive_nonfinite} "
-                         "must be >= 1 (the number of NaN/Inf steps in a row that stops a run).")
 
 
-def _eval_images(config, f: int) -> list[np.ndarray]:
-    source = sources.get_source(config.dataset, config.eval_split, data_dir=config.data_dir)
-    if config.dataset == "demo":  # the held-out photos, at full size
-        return pipeline.eval_images(source, multiple_of=f, max_images=config.num_eval_images)
-    images = []
-    for i in range(len(source)):
-        if len(images) == config.num_eval_images:
-            break
-        record = source[i]
-        if record["image"] is not None:
-            images.append(pipeline.center_crop_resize(record["image"], config.image_size))
-    return images
-
-
-def _save_eval(workdir, step, metrics, originals, reconstructions, writer) -> None:
-    grid = comparison_grid(originals, reconstructions)
-    writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
-    writer.write_images(step, {"eval/input|reconstruction": grid[None].astype(np.float32) / 255})
-    if jax.process_index() == 0:
-        workdir_lib.write_png(os.path.join(workdir, "reconstructions.png"), grid)
-        workdir_lib.write_json(os.path.join(workdir, "metrics.json"), dict(metrics, step=step))
+def _validate_quantizer(config: ml_collections.ConfigDict) -> None:
+    """config.quantizer against config.model (see :func:`validate_config`)."""
+    q, m = config.get("quantizer"), config.model
+    if q is None:  # a config written before quantizers were selectable: plain VQ
+        return
+    if q.kind not in quantizers.KINDS:
+        raise ValueError(f"config.quantizer.kind={q.kind!r} is not a quantizer; use one of "
+                         f"{list(quantizers.KINDS)}.")
+    if q.kind in ("gumbel", "fsq", "lfq") and m.get("l2_normalize_codes", False):
+        raise ValueError(f"config.model.l2_normalize_codes=True has no meaning for the "
+                         f"{q.kind} quantizer; set it to False.")
+    if q.restart_unused_steps < 0 or (q.restart_unused_steps and q.kind not in ("vq", "ema_vq")):
+        raise ValueError(f"config.quantizer.restart_unused_steps={q.restart_unused_steps}: "
+                         "use 0 (off) or, with kind vq or ema_vq, a positive number of steps.")
+    if q.kind == "ema_vq" and not (0 < q.ema_decay < 1 and q.ema_epsilon > 0):
+        raise ValueError(f"config.quantizer.ema_decay={q.ema_decay} must be in (0, 1) and "
+                         f"config.quantizer.ema_epsilon={q.ema_epsilon} > 0.")
+    if q.kind in ("vq", "ema_vq", "lfq") and q.entropy_weight and q.entropy_temperature <= 0:
+        raise ValueError(f"config.quantizer.entropy_temperature={q.entropy_temperature} "
+                         "must be > 0.")
+    if q.kind == "gumbel" and not (q.gumbel_tau_start > 0 and q.gumbel_tau_end > 0):
+        raise ValueError(f"config.quantizer.gumbel_tau_start={q.gumbel_tau_start} and "
+                         f"gumbel_tau_end={q.gumbel_tau_end} must be > 0.")
+    if q.kind == "fsq":
+        levels = tuple(q.fsq_levels)
+        quantizers.check_fsq_levels(levels)
+        if m.embed_dim != len(levels):
+            raise ValueError(f"config.model.embed_dim={m.embed_dim} must equal "
+                             f"len(config.quantizer.fsq_levels)={len(levels)}.")
+    size = {"fsq": int(np.prod(q.fsq_levels)), "lfq": 2 ** m.embed_dim}.get(q.kind)
+    if size is not None and m.n_embed != size:
+        what = "prod(config.quantizer.fsq_levels)" if q.kind == "fsq" else "2 ** embed_dim"
+        raise ValueError(f"config.model.n_embed={m.n_embed}, but the {q.kind} codebook has "
+                         f"{what} = {size} codes; set config.model.n_embed={size}.")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Train the tokenizer per ``config`` in ``workdir`` (resuming from its checkpoints).
+    """Train the tokenizer per ``config`` in ``workdir`` through :func:`loop.run_job`
+    (resume, preemption, non-finite steps, checkpoints and logs as described there).
 
-    Leaves in workdir: ``checkpoints/`` (orbax), TensorBoard events, ``reconstructions.png``
-    (held-out originals | reconstructions) and ``metrics.json`` (psnr in dB, ssim, lpips,
-    codebook_usage as a fraction, perplexity; see :func:`evaluate`), rewritten at every
-    evaluation, and ``scalars.jsonl`` (every logged scalar, a JSON object per line).
-
-    Robustness: a SIGTERM saves a checkpoint at the next step boundary and returns
-    ``{"preempted_at_step": step}`` (rerunning resumes there); a step with a NaN/Inf loss or
-    gradient is skipped (``train/nonfinite_steps``), and ``config.max_consecutive_nonfinite``
-    of them in a row raise FloatingPointError without saving. A restart resumes from the
-    newest complete checkpoint (a save cut short leaves only a temporary folder, ignored).
+    Steps before ``disc_start`` run the generator-only program. Every
+    ``config.eval_every_steps`` and at the end, the held-out images are scored
+    (:func:`vqgan_jax.evaluation.evaluate`: psnr in dB, ssim, lpips, codebook_usage as a
+    fraction, perplexity) into ``eval/*`` scalars, ``metrics.json`` and
+    ``reconstructions.png`` (originals | reconstructions).
 
     Returns:
       The final held-out metrics, or ``{"preempted_at_step": step}``.
@@ -531,74 +504,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       ValueError: for a config field or dataset that cannot work, before anything compiles.
       FloatingPointError: after ``config.max_consecutive_nonfinite`` non-finite steps in a row.
     """
-
     validate_config(config, jax.device_count())
-    workdir = workdir_lib.ensure_writable_workdir(workdir)
-    mesh = parallel.mesh_from_config(config)
-    rules = parallel.rules_from_config(config)
     train_source = sources.get_source(config.dataset, config.train_split, data_dir=config.data_dir)
     sc = build_step_config(config)
-    f = sc.vq.downsample_factor
-    eval_images = _eval_images(config, f)
-    train_iter = pipeline.train_iterator(
-        train_source, image_size=config.image_size, global_batch_size=config.batch_size,
-        seed=config.seed, min_crop_scale=config.min_crop_scale, crop_mode=config.crop_mode)
+    eval_images = pipeline.eval_images(  # the demo's held-out photos at full size
+        sources.get_source(config.dataset, config.eval_split, data_dir=config.data_dir),
+        multiple_of=sc.vq.downsample_factor, max_images=config.num_eval_images,
+        image_size=None if config.dataset == "demo" else config.image_size)
 
-    state, shardings = loop.create_sharded_state(
-        functools.partial(init_state, sc=sc, image_size=config.image_size),
-        jax.random.key(config.seed), mesh, rules)
-    checkpoints = workdir_lib.RunCheckpoints(workdir, config, train_iter)
-    manager = checkpoints.manager
-    state = checkpoints.restore_latest(state, shardings)
+    def make_job(mesh, rules, workdir):
+        lpips_params = jax.device_put(load_lpips_params(), lpips_shardings(mesh, rules))
 
-    lpips_params = jax.device_put(load_lpips_params(), lpips_shardings(mesh, rules))
-    image = ((config.batch_size, config.image_size, config.image_size, 3), jnp.float32)
-    abstract_args = (workdir_lib.abstract_like(state, shardings),
-                     parallel.abstract_batch({"image": image}, mesh), lpips_params)
-    programs = {}  # adversarial -> the compiled step; the other is compiled when first needed
+        def evaluate(state, step, writer):
+            metrics, recs = evaluation.evaluate(eval_params(state), lpips_params, eval_images,
+                                                sc.vq)
+            writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
+            loop.write_picture(writer, workdir, step, "eval/input|reconstruction",
+                               "reconstructions.png",
+                               evaluation.comparison_grid(eval_images, recs))
+            if jax.process_index() == 0:
+                workdir_lib.write_json(os.path.join(workdir, "metrics.json"), dict(metrics, step=step))
+            return metrics
 
-    def program(adversarial: bool):
-        if adversarial not in programs:
-            programs[adversarial] = loop.compile_step(
-                jit_train_step(sc, mesh, shardings, lpips_params, adversarial), abstract_args,
-                mesh=mesh, rules=rules, workdir=workdir,
-                name="train_step" if adversarial else "train_step before disc_start")
-        return programs[adversarial]
+        def finish(state, step, summary, writer):
+            metrics = evaluate(state, step, writer)
+            logging.info("Held-out metrics at step %d: %s", step, metrics)
+            return metrics
 
-    # Steps before disc_start run without the discriminator (train_step(adversarial=False)).
-    program(int(jax.device_get(state.step)) >= sc.disc_start)
-    step_fn = lambda state, batch, step: program(step >= sc.disc_start)(state, batch, lpips_params)
-    writer = loop.create_writer(workdir)
-    writer.write_hparams(dict(config.to_dict()))
-
-    logging.info("Training %s from step %d to %d on a %s mesh", config.dataset,
-                 int(jax.device_get(state.step)), config.num_train_steps, dict(mesh.shape))
-
-    def evaluate_and_save(state, step):
-        metrics, recs = evaluate(eval_params(state), lpips_params, eval_images, sc.vq)
-        _save_eval(workdir, step, metrics, eval_images, recs, writer)
-        return metrics
-
-    def after_step(state, step):
-        if step % config.eval_every_steps == 0 and step < config.num_train_steps:
-            evaluate_and_save(state, step)
-
-    try:
-        state, step, _, preempted = loop.train_loop(
-            state, step_fn,
-            lambda: parallel.global_batch({"image": next(train_iter)["image"]}, mesh),
-            num_train_steps=config.num_train_steps, log_every_steps=config.log_every_steps,
-            checkpoint_every_steps=config.checkpoint_every_steps,
-            max_consecutive_nonfinite=config.max_consecutive_nonfinite, manager=manager,
-            save=checkpoints.save, writer=writer, after_step=after_step,
-            extra_scalars=lambda n, seconds: dict(img_per_s=n * config.batch_size / seconds,
-                                                  skipped_images=train_source.num_skipped))
-        if preempted:
-            return {"preempted_at_step": step}
-        metrics_eval = evaluate_and_save(state, step)
-        logging.info("Held-out metrics at step %d: %s", step, metrics_eval)
-    finally:  # Whatever happened, let the checkpoint in flight finish writing.
-        manager.wait_until_finished()
-        manager.close()
-        writer.flush()
-    return metrics_eval
+        return loop.Job(
+            init=functools.partial(init_state, sc=sc, image_size=config.image_size),
+            jit_step=lambda name, shardings: jit_train_step(sc, mesh, shardings, lpips_params,
+                                                            name == "train_step"),
+            frozen=lpips_params, evaluate=evaluate, finish=finish,
+            program=lambda step: ("train_step" if step >= sc.disc_start
+                                  else "train_step before disc_start"),
+            extra_scalars=lambda n, seconds: dict(skipped_images=train_source.num_skipped))
+    return loop.run_job(config, workdir, train_source, make_job)

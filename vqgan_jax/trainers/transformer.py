@@ -24,8 +24,8 @@ import optax
 from absl import logging
 
 from vqgan_jax import metrics as metrics_lib
-from vqgan_jax import parallel, workdir as workdir_lib
-from vqgan_jax.data import pipeline, sources
+from vqgan_jax import workdir as workdir_lib
+from vqgan_jax.data import sources
 from vqgan_jax.models.registry import CONDITIONINGS, DTYPES
 from vqgan_jax.sampling import class_rows, image_grid, sample_images
 from vqgan_jax.state.transformer import (StepConfig, TrainState, build_step_config,
@@ -43,19 +43,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     Raises:
       ValueError: on any field that cannot work, e.g. a tokenizer workdir with no checkpoint
         (saying what to run first), a block_size too short for prefix + codes, or a batch the
-        devices cannot split.
+        devices cannot split (:func:`loop.check_config`).
     """
-    if config.max_consecutive_nonfinite < 1:
-        raise ValueError(f"config.max_consecutive_nonfinite={config.max_consecutive_nonfinite} "
-                         "must be >= 1 (the number of NaN/Inf steps in a row that stops a run).")
-    if config.dtype not in DTYPES:
-        raise ValueError(f"config.dtype={config.dtype!r}; use one of {sorted(DTYPES)}.")
+    loop.check_config(config, num_devices, DTYPES)
     if config.conditioning not in CONDITIONINGS:
         raise ValueError(f"config.conditioning={config.conditioning!r}; use one of "
                          f"{CONDITIONINGS}.")
-    if config.batch_size <= 0 or config.batch_size % num_devices:
-        raise ValueError(f"config.batch_size={config.batch_size} (global) is not divisible by "
-                         f"the {num_devices} devices the batch is split over.")
     m = config.model
     if m.n_embd % m.n_head:
         raise ValueError(f"config.model.n_embd={m.n_embd} is not divisible by "
@@ -67,8 +60,6 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     if config.conditioning == "class" and config.num_classes < 1:
         raise ValueError(f"config.num_classes={config.num_classes}; class conditioning needs "
                          "at least one class.")
-    if config.num_train_steps < 0:
-        raise ValueError("config.num_train_steps must be >= 0.")
     if not config.tokenizer_workdir:
         raise ValueError("config.tokenizer_workdir is empty; set it to a stage-1 workdir (e.g. "
                          "runs/demo, made by `make demo`).")
@@ -182,11 +173,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: dict[str,
 
 def jit_train_step(sc: StepConfig, mesh, state_shardings, frozen_shardings):
     """``train_step`` jitted once with shardings over ``mesh``; the state is donated."""
-    return jax.jit(
-        functools.partial(train_step, sc=sc),
-        in_shardings=(state_shardings, parallel.batch_sharding(mesh), frozen_shardings),
-        out_shardings=(state_shardings, parallel.replicated(mesh)),
-        donate_argnums=0)
+    return loop.jit_step(functools.partial(train_step, sc=sc), mesh, state_shardings,
+                         frozen_shardings)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -209,13 +197,10 @@ def _sample_grid(params, frozen, sc, config, rng) -> np.ndarray:
 # ----------------------------------------------------------------------------- the job
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Train the GPT per ``config`` in ``workdir`` (resuming from its checkpoints).
-
-    Leaves in workdir: ``checkpoints/`` (orbax: state, data iterator, config), TensorBoard
-    events, ``scalars.jsonl``, ``metrics.json`` (the last logged train metrics) and
-    ``samples.png`` (class and unconditional modes: a row per class, decoded by the frozen
-    tokenizer). Preemption, non-finite steps and resume behave as in stage 1
-    (:func:`vqgan_jax.trainers.loop.train_loop`).
+    """Train the GPT per ``config`` in ``workdir`` through :func:`loop.run_job` (resume,
+    preemption, non-finite steps, checkpoints and logs as described there). At the end it
+    writes ``metrics.json`` (the last logged train metrics) and ``samples.png`` (class and
+    unconditional modes: a row per class, decoded by the frozen tokenizer).
 
     Returns:
       The last logged train metrics: ``loss`` (nats per code), ``bits_per_code``,
@@ -226,72 +211,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       ValueError: for a config field or dataset that cannot work, before anything compiles.
       FloatingPointError: after ``config.max_consecutive_nonfinite`` non-finite steps in a row.
     """
-
     config = ml_collections.ConfigDict(config.to_dict())
     for field in ("tokenizer_workdir", "cond_tokenizer_workdir"):
         if config[field]:  # saved absolute, so the sample CLI finds them from anywhere
             config[field] = workdir_lib.absolute(config[field])
     validate_config(config, jax.device_count())
-    workdir = workdir_lib.ensure_writable_workdir(workdir)
-    mesh = parallel.mesh_from_config(config)
-    rules = parallel.rules_from_config(config)
     train_source = sources.get_source(config.dataset, config.train_split, data_dir=config.data_dir)
     if config.conditioning == "class" and train_source.num_classes > config.num_classes:
         raise ValueError(f"config.num_classes={config.num_classes} but {config.dataset!r} has "
                          f"{train_source.num_classes} classes; set config.num_classes to at "
                          "least that.")
     sc = build_step_config(config)
-    train_iter = pipeline.train_iterator(
-        train_source, image_size=config.image_size, global_batch_size=config.batch_size,
-        seed=config.seed, min_crop_scale=config.min_crop_scale, crop_mode=config.crop_mode)
-
-    state, shardings = loop.create_sharded_state(
-        functools.partial(init_state, sc=sc), jax.random.key(config.seed), mesh, rules)
-    n_params = sum(x.size for x in jax.tree.leaves(state.params))
-    logging.info("GPT with %.2fM parameters; %s conditioning, %d prefix + %d codes", n_params / 1e6,
-                 config.conditioning, sc.conditioning.prefix_length, math.prod(sc.grid))
-    frozen, frozen_shardings = load_frozen(config, sc, mesh)
-    checkpoints = workdir_lib.RunCheckpoints(workdir, config, train_iter)
-    manager = checkpoints.manager
-    state = checkpoints.restore_latest(state, shardings)
-
-    size = config.image_size
-    batch = parallel.abstract_batch({"image": ((config.batch_size, size, size, 3), jnp.float32),
-                                     "label": ((config.batch_size,), jnp.int32)}, mesh)
-    step_fn = loop.compile_step(jit_train_step(sc, mesh, shardings, frozen_shardings),
-                                (state, batch, frozen), mesh=mesh, rules=rules, workdir=workdir)
-    writer = loop.create_writer(workdir)
-    writer.write_hparams(dict(config.to_dict()))
-
     codes_per_step = config.batch_size * math.prod(sc.grid)
-    logging.info("Training %s from step %d to %d on a %s mesh", config.dataset,
-                 int(jax.device_get(state.step)), config.num_train_steps, dict(mesh.shape))
 
-    def next_batch():
-        record = next(train_iter)
-        return parallel.global_batch({"image": record["image"], "label": record["label"]}, mesh)
+    def make_job(mesh, rules, workdir):
+        params = jax.eval_shape(functools.partial(init_state, sc=sc), jax.random.key(0)).params
+        logging.info("GPT with %.2fM parameters; %s conditioning, %d prefix + %d codes",
+                     sum(x.size for x in jax.tree.leaves(params)) / 1e6, config.conditioning,
+                     sc.conditioning.prefix_length, math.prod(sc.grid))
+        frozen, frozen_shardings = load_frozen(config, sc, mesh)
 
-    try:
-        state, step, summary, preempted = loop.train_loop(
-            state, lambda state, batch, _: step_fn(state, batch, frozen), next_batch,
-            num_train_steps=config.num_train_steps, log_every_steps=config.log_every_steps,
-            checkpoint_every_steps=config.checkpoint_every_steps,
-            max_consecutive_nonfinite=config.max_consecutive_nonfinite, manager=manager,
-            save=checkpoints.save, writer=writer,
-            extra_scalars=lambda n, seconds: dict(codes_per_s=n * codes_per_step / seconds,
-                                                  img_per_s=n * config.batch_size / seconds))
-        if preempted:
-            return {"preempted_at_step": step}
-        summary["step"] = step
-        if jax.process_index() == 0:
-            workdir_lib.write_json(os.path.join(workdir, "metrics.json"), summary)
-        grid = _sample_grid(state.params, frozen, sc, config, jax.random.key(config.seed))
-        if grid is not None:
-            writer.write_images(step, {"samples": grid[None].astype(np.float32) / 255})
+        def finish(state, step, summary, writer):
+            summary["step"] = step
             if jax.process_index() == 0:
-                workdir_lib.write_png(os.path.join(workdir, "samples.png"), grid)
-    finally:  # Whatever happened, let the checkpoint in flight finish writing.
-        manager.wait_until_finished()
-        manager.close()
-        writer.flush()
-    return summary
+                workdir_lib.write_json(os.path.join(workdir, "metrics.json"), summary)
+            grid = _sample_grid(state.params, frozen, sc, config, jax.random.key(config.seed))
+            if grid is not None:
+                loop.write_picture(writer, workdir, step, "samples", "samples.png", grid)
+            return summary
+
+        return loop.Job(
+            init=functools.partial(init_state, sc=sc), frozen=frozen, finish=finish,
+            jit_step=lambda _, shardings: jit_train_step(sc, mesh, shardings, frozen_shardings),
+            batch_fields=("image", "label"),
+            extra_scalars=lambda n, seconds: dict(codes_per_s=n * codes_per_step / seconds))
+    return loop.run_job(config, workdir, train_source, make_job)
