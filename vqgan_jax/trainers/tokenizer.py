@@ -28,7 +28,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
 
@@ -449,42 +448,6 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     if config.loss.disc_loss not in losses.D_LOSSES:
         raise ValueError(f"config.loss.disc_loss={config.loss.disc_loss!r}; use one of "
                          f"{sorted(losses.D_LOSSES)}.")
-
-
-def _validate_quantizer(config: ml_collections.ConfigDict) -> None:
-    """config.quantizer against config.model (see :func:`validate_config`)."""
-    q, m = config.get("quantizer"), config.model
-    if q is None:  # a config written before quantizers were selectable: plain VQ
-        return
-    if q.kind not in quantizers.KINDS:
-        raise ValueError(f"config.quantizer.kind={q.kind!r} is not a quantizer; use one of "
-                         f"{list(quantizers.KINDS)}.")
-    if q.kind in ("gumbel", "fsq", "lfq") and m.get("l2_normalize_codes", False):
-        raise ValueError(f"config.model.l2_normalize_codes=True has no meaning for the "
-                         f"{q.kind} quantizer; set it to False.")
-    if q.restart_unused_steps < 0 or (q.restart_unused_steps and q.kind not in ("vq", "ema_vq")):
-        raise ValueError(f"config.quantizer.restart_unused_steps={q.restart_unused_steps}: "
-                         "use 0 (off) or, with kind vq or ema_vq, a positive number of steps.")
-    if q.kind == "ema_vq" and not (0 < q.ema_decay < 1 and q.ema_epsilon > 0):
-        raise ValueError(f"config.quantizer.ema_decay={q.ema_decay} must be in (0, 1) and "
-                         f"config.quantizer.ema_epsilon={q.ema_epsilon} > 0.")
-    if q.kind in ("vq", "ema_vq", "lfq") and q.entropy_weight and q.entropy_temperature <= 0:
-        raise ValueError(f"config.quantizer.entropy_temperature={q.entropy_temperature} "
-                         "must be > 0.")
-    if q.kind == "gumbel" and not (q.gumbel_tau_start > 0 and q.gumbel_tau_end > 0):
-        raise ValueError(f"config.quantizer.gumbel_tau_start={q.gumbel_tau_start} and "
-                         f"gumbel_tau_end={q.gumbel_tau_end} must be > 0.")
-    if q.kind == "fsq":
-        levels = tuple(q.fsq_levels)
-        quantizers.check_fsq_levels(levels)
-        if m.embed_dim != len(levels):
-            raise ValueError(f"config.model.embed_dim={m.embed_dim} must equal "
-                             f"len(config.quantizer.fsq_levels)={len(levels)}.")
-    size = {"fsq": int(np.prod(q.fsq_levels)), "lfq": 2 ** m.embed_dim}.get(q.kind)
-    if size is not None and m.n_embed != size:
-        what = "prod(config.quantizer.fsq_levels)" if q.kind == "fsq" else "2 ** embed_dim"
-        raise ValueError(f"config.model.n_embed={m.n_embed}, but the {q.kind} codebook has "
-                         f"{what} = {size} codes; set config.model.n_embed={size}.")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
