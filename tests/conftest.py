@@ -1,7 +1,9 @@
 """Shared test helpers: config loading and tiny model shapes."""
 
 import atexit
+import fcntl
 import importlib.util
+import json
 import os
 import pathlib
 import shutil
@@ -86,6 +88,26 @@ def random_inception_state_dict(seed: int = 0) -> dict[str, np.ndarray]:
     return {k: v.astype(np.float32) for k, v in out.items()}
 
 
+def built_once(tmp_path_factory, name: str, build) -> pathlib.Path:
+    """The folder ``name`` that ``build(folder)`` fills, built once per test session: the
+    first pytest-xdist worker to ask builds it while the other waits on a lock, then both use
+    it. For costly module and session fixtures (a trained workdir) whose tests the workers
+    share. Read-only for its users: copy it to change it.
+    """
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above each worker's own
+    folder, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 # ----------------------------------------------------------------------------- stage 2
 
 TINY_GPT = dict(block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
@@ -108,25 +130,25 @@ def tokenizer_workdir(tmp_path_factory):
     from vqgan_jax.models import registry
     from vqgan_jax.trainers import tokenizer as stage1
 
-    root = tmp_path_factory.mktemp("stage1")
-    rng = np.random.default_rng(0)
-    for label in ("a", "b"):
-        (root / "images" / label).mkdir(parents=True)
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(
-                root / "images" / label / f"{i}.png")
-    config = load_config("demo")
-    config.update(dataset=f"folder:{root / 'images'}", image_size=8)
-    config.model.update(ch=8, ch_mult=(1, 2), attn_resolutions=(), z_channels=8,
-                        embed_dim=4, n_embed=16, norm_groups=8)
-    stage1.validate_config(config, num_devices=1)
-    vq = registry.build_models(config)[0]
-    abstract = jax.eval_shape(lambda: nn.meta.unbox(vq.init(jax.random.key(0),
-                                                            jnp.zeros((1, 8, 8, 3)))["params"]))
-    g_params = jax.tree.map(lambda a: rng.normal(0, 0.3, a.shape).astype(np.float32), abstract)
-    state = dict(step=jnp.ones((), jnp.int32), g_params=g_params)
-    workdir_lib.write_state(str(root / "run"), "tokenizer_workdir", 1, state, config)
-    return str(root / "run")
+    def build(root):
+        rng = np.random.default_rng(0)
+        for label in ("a", "b"):
+            (root / "images" / label).mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(
+                    root / "images" / label / f"{i}.png")
+        config = load_config("demo")
+        config.update(dataset=f"folder:{root / 'images'}", image_size=8)
+        config.model.update(ch=8, ch_mult=(1, 2), attn_resolutions=(), z_channels=8,
+                            embed_dim=4, n_embed=16, norm_groups=8)
+        stage1.validate_config(config, num_devices=1)
+        vq = registry.build_models(config)[0]
+        abstract = jax.eval_shape(lambda: nn.meta.unbox(vq.init(jax.random.key(0),
+                                                                jnp.zeros((1, 8, 8, 3)))["params"]))
+        g_params = jax.tree.map(lambda a: rng.normal(0, 0.3, a.shape).astype(np.float32), abstract)
+        state = dict(step=jnp.ones((), jnp.int32), g_params=g_params)
+        workdir_lib.write_state(str(root / "run"), "tokenizer_workdir", 1, state, config)
+    return str(built_once(tmp_path_factory, "stage1", build) / "run")
 
 
 def tiny(config: ml_collections.ConfigDict, tokenizer_workdir: str) -> ml_collections.ConfigDict:
@@ -149,6 +171,6 @@ def gpt_run(tokenizer_workdir, tmp_path_factory):
     config = tiny(load_config("demo_transformer"), tokenizer_workdir)
     config.update(num_train_steps=2, log_every_steps=1, checkpoint_every_steps=1, pkeep=0.9,
                   class_drop_prob=0.5)
-    workdir = tmp_path_factory.mktemp("gpt_run") / "gpt"
-    metrics = T.train_and_evaluate(config, str(workdir))
-    return config, workdir, metrics
+    workdir = built_once(tmp_path_factory, "gpt_run",
+                         lambda root: T.train_and_evaluate(config, str(root / "gpt"))) / "gpt"
+    return config, workdir, json.loads((workdir / "metrics.json").read_text())

@@ -4,6 +4,7 @@ reference statistics) and by the command line; the errors for bad input."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, load_config, random_inception_state_dict, shrink
+from conftest import ROOT, built_once, load_config, random_inception_state_dict, shrink
 from vqgan_jax import evaluation, metrics, parallel, workdir
 from vqgan_jax.data import pipeline, sources
 from vqgan_jax.models import registry
@@ -25,27 +26,29 @@ KEYS = {"psnr", "ssim", "lpips", "codebook_usage", "perplexity", "num_images", "
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A tokenizer trained one step on 5 generated images (32x32 evaluation, batch 8)."""
+    """A tokenizer trained one step on 5 generated images (32x32 evaluation, batch 8), built
+    once per session; each worker evaluates its own copy of the workdir."""
+    def build(shared):
+        data = shared / "images"
+        rng = np.random.default_rng(0)
+        for label, count in (("a", 3), ("b", 2)):
+            (data / label).mkdir(parents=True)
+            for i in range(count):  # smooth gradients plus noise, 40-56 px: crops and resizes matter
+                h, w = 40 + 4 * i, 56 - 4 * i
+                ramp = np.linspace(0, 255, w)[None, :, None] * rng.uniform(0.3, 1, (1, 1, 3))
+                pixels = np.clip(ramp + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(data / label / f"{i}.png")
+        config = shrink(load_config("demo"))
+        config.update(dataset=f"folder:{data}", num_train_steps=1, log_every_steps=1,
+                      checkpoint_every_steps=1, eval_every_steps=100, num_eval_images=2)
+        config.loss.perceptual_weight = 0.0
+        tokenizer.train_and_evaluate(config, str(shared / "run"))  # 8 devices, global batch 8
+        np.savez(shared / "inception.npz", **random_inception_state_dict())
+    shared = built_once(tmp_path_factory, "evaluate", build)
     root = tmp_path_factory.mktemp("evaluate")
-    data = root / "images"
-    rng = np.random.default_rng(0)
-    for label, count in (("a", 3), ("b", 2)):
-        (data / label).mkdir(parents=True)
-        for i in range(count):  # smooth gradients plus noise, 40-56 px: cropping and resizing matter
-            h, w = 40 + 4 * i, 56 - 4 * i
-            ramp = np.linspace(0, 255, w)[None, :, None] * rng.uniform(0.3, 1, (1, 1, 3))
-            pixels = np.clip(ramp + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(data / label / f"{i}.png")
-    config = shrink(load_config("demo"))
-    config.update(dataset=f"folder:{data}", num_train_steps=1, log_every_steps=1,
-                  checkpoint_every_steps=1, eval_every_steps=100, num_eval_images=2)
-    config.loss.perceptual_weight = 0.0
-    workdir = root / "run"
-    tokenizer.train_and_evaluate(config, str(workdir))  # 8 simulated devices, global batch 8
-    weights = root / "inception.npz"
-    np.savez(weights, **random_inception_state_dict())
-    return dict(workdir=str(workdir), dataset=f"folder:{data}", data=data, weights=str(weights),
-                root=root)
+    shutil.copytree(shared / "run", root / "run")
+    return dict(workdir=str(root / "run"), dataset=f"folder:{shared / 'images'}",
+                data=shared / "images", weights=str(shared / "inception.npz"), root=root)
 
 
 def test_library_evaluation_with_rfid_and_reference_stats(trained):

@@ -20,7 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, built_once
 from test_main import TINY, make_folder
 from vqgan_jax.trainers import loop
 
@@ -76,11 +76,12 @@ def snapshot(root: pathlib.Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    data = make_folder(root / "images")
-    workdir = root / "trained"
-    result = run(main_command(workdir, data, 4))
-    assert result.returncode == 0, result.stderr[-3000:]
+    """A run of 4 steps on a folder of images; read-only (the tests change copies)."""
+    def build(root):
+        result = run(main_command(root / "trained", make_folder(root / "images"), 4))
+        assert result.returncode == 0, result.stderr[-3000:]
+    root = built_once(tmp_path_factory, "faults", build)
+    workdir, data = root / "trained", root / "images"
     assert steps(workdir) == [2, 4] and not (workdir / "LOCK").exists()
     sums = json.loads((workdir / "checkpoint_checksums" / "4.json").read_text())
     assert sums == snapshot(workdir / "checkpoints" / "4")   # every file, as saved
