@@ -250,9 +250,8 @@ def transformer_config() -> ml_collections.ConfigDict:
 
 
 def check_config(config: ml_collections.ConfigDict, num_devices: int, dtypes: dict) -> None:
-    """The checks both stages' ``validate_config`` (:mod:`vqgan_jax.state`) share: ``config.dtype``
-    a key of ``dtypes``, a global batch the devices split evenly, step counts and intervals, and
-    ``max_consecutive_nonfinite``; a ValueError names the field and what would work."""
+    """Checks both stages share: ``config.dtype`` in ``dtypes``, a global batch the devices split
+    evenly, step counts and intervals, ``max_consecutive_nonfinite``; ValueErrors name the field."""
     if config.dtype not in dtypes:
         raise ValueError(f"config.dtype={config.dtype!r}; use one of {sorted(dtypes)}.")
     if config.batch_size <= 0 or config.batch_size % num_devices:

@@ -31,7 +31,7 @@ import ml_collections
 import optax
 from absl import logging
 
-from vqgan_jax import evaluation, losses, parallel, workdir as workdir_lib
+from vqgan_jax import losses, parallel, scoring, workdir as workdir_lib
 from vqgan_jax.data import pipeline, sources
 from vqgan_jax.models import quantizers
 from vqgan_jax.models.lpips import load_lpips_params, lpips_fn
@@ -376,7 +376,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     Steps before ``disc_start`` run the generator-only program. Every
     ``config.eval_every_steps`` and at the end, the held-out images are scored
-    (:func:`vqgan_jax.evaluation.evaluate`: psnr in dB, ssim, lpips, codebook_usage as a
+    (:func:`vqgan_jax.scoring.evaluate`: psnr in dB, ssim, lpips, codebook_usage as a
     fraction, perplexity) into ``eval/*`` scalars, ``metrics.json`` and
     ``reconstructions.png`` (originals | reconstructions).
 
@@ -399,12 +399,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         lpips_params = jax.device_put(load_lpips_params(), lpips_shardings(mesh, rules))
 
         def evaluate(state, step, writer):
-            metrics, recs = evaluation.evaluate(eval_params(state), lpips_params, eval_images,
-                                                sc.vq)
+            metrics, recs = scoring.evaluate(eval_params(state), lpips_params, eval_images, sc.vq)
             writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
             loop.write_picture(writer, workdir, step, "eval/input|reconstruction",
                                "reconstructions.png",
-                               evaluation.comparison_grid(eval_images, recs))
+                               scoring.comparison_grid(eval_images, recs))
             if jax.process_index() == 0:
                 workdir_lib.write_json(os.path.join(workdir, "metrics.json"), dict(metrics, step=step))
             return metrics

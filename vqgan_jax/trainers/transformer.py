@@ -1,5 +1,5 @@
 """Stage 2: train a GPT over a frozen tokenizer's codes (Esser et al. 2021, sec. 3.2; taming's
-``Net2NetTransformer``); sampling a trained workdir is :mod:`vqgan_jax.sampling`'s.
+``Net2NetTransformer``); sampling a trained workdir is :mod:`vqgan_jax.samplers.autoregressive`'s.
 
 Codes are made on the fly: each batch of augmented crops from the stage-1 grain pipeline goes
 through the frozen tokenizer's encoder inside the jitted step, so every epoch sees new random
@@ -23,10 +23,9 @@ import numpy as np
 import optax
 from absl import logging
 
-from vqgan_jax import metrics as metrics_lib
-from vqgan_jax import workdir as workdir_lib
+from vqgan_jax import metrics as metrics_lib, workdir as workdir_lib
 from vqgan_jax.data import sources
-from vqgan_jax.sampling import class_rows, image_grid, sample_images
+from vqgan_jax.samplers.autoregressive import class_rows, image_grid, sample_images
 from vqgan_jax.state.transformer import (StepConfig, TrainState, build_step_config, init_state,
                                          load_frozen, validate_config)
 from vqgan_jax.trainers import loop
