@@ -74,14 +74,14 @@ def step_ms(workdir: pathlib.Path) -> float:
 def reconstructions(workdir: pathlib.Path, images: list[np.ndarray]) -> list[np.ndarray]:
     """The held-out photos reconstructed by the run's tokenizer (its EMA weights if kept)."""
     import jax
-    from vqgan_jax import evaluation, parallel, workdir as workdir_lib
+    from vqgan_jax import parallel, scoring, workdir as workdir_lib
     from vqgan_jax.models import registry
     from vqgan_jax.models.lpips import load_lpips_params
 
     mesh = parallel.create_mesh(devices=jax.devices()[:1])
     config, g_params, _ = workdir_lib.restore_tokenizer(str(workdir), None, mesh)
     vq, _ = registry.build_models(config)
-    return evaluation.evaluate(g_params, load_lpips_params(), images, vq)[1]
+    return scoring.evaluate(g_params, load_lpips_params(), images, vq)[1]
 
 
 def picture(names: list[str], originals: list[np.ndarray],

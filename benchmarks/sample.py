@@ -4,7 +4,7 @@
 
 Builds the config's GPT (random weights: speed does not depend on them) over ``--vocab_size``
 codes and a ``--grid`` x ``--grid`` code grid, class-conditional prefix, and times
-:func:`vqgan_jax.sampling.sample` for each batch size in ``--batch_sizes`` with
+:func:`vqgan_jax.samplers.autoregressive.sample` for each batch size in ``--batch_sizes`` with
 ``use_cache=True`` (one token a step through the KV cache) and ``use_cache=False`` (the whole
 sequence recomputed every step). Each case is compiled first (``compile_s``), then timed over
 ``--repeats`` calls (the best is kept). ``--variants=cache`` times the cached sampler alone (the
@@ -28,8 +28,8 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from vqgan_jax import sampling
 from vqgan_jax.models.gpt import GPT
+from vqgan_jax.samplers import autoregressive
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo_transformer.py",
                                           "A stage-2 config file.")
@@ -65,7 +65,7 @@ def main(argv):
             use_cache = variant == "cache"
             name = f"{variant}_b{b}"
             t = time.perf_counter()
-            compiled = sampling.sample.lower(
+            compiled = autoregressive.sample.lower(
                 params, prefix, jax.random.key(0), gpt=gpt, num_codes=num_codes,
                 top_k=_TOP_K.value, top_p=_TOP_P.value, use_cache=use_cache).compile()
             result["compile_s"][name] = round(time.perf_counter() - t, 2)

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 import vqgan_jax
-from vqgan_jax import api, cli, metrics, sampling, workdir
+from vqgan_jax import api, cli, metrics, workdir
 from vqgan_jax.data import pipeline
 from vqgan_jax.models import registry
+from vqgan_jax.samplers import autoregressive
 from vqgan_jax.state import transformer as state2
 
 
@@ -140,9 +141,9 @@ def test_sample_is_the_sampler_padded_and_seeded(gen, gpt_run):
     images = gen.sample(class_ids=[0, 1], num=2, top_k=4, top_p=0.9, seed=1)
     assert images.shape == (4, 8, 8, 3) and images.dtype == np.uint8
     params, frozen, sc, _ = state2.load_for_sampling(str(gpt_run[1]))
-    prefix = sampling.class_rows(sc.conditioning, [0, 1], 2)
-    expected = sampling.sample_images(params, frozen, sc, prefix, jax.random.key(1), top_k=4,
-                                      top_p=0.9)
+    prefix = autoregressive.class_rows(sc.conditioning, [0, 1], 2)
+    expected = autoregressive.sample_images(params, frozen, sc, prefix, jax.random.key(1),
+                                            top_k=4, top_p=0.9)
     np.testing.assert_array_equal(images, metrics.to_uint8(expected))
     np.testing.assert_array_equal(gen.sample(class_ids=[0, 1], num=2, top_k=4, top_p=0.9,
                                              seed=1), images)
@@ -175,7 +176,7 @@ def test_sample_refuses_bad_arguments_before_compiling(gen, monkeypatch, kwargs,
 def test_class_ids_given_to_an_unconditional_model():
     with pytest.raises(ValueError, match=r"class_ids=\[0\] was given but the model is "
                        "unconditional"):
-        sampling.class_rows(registry.Conditioning("unconditional", vocab_size=16), [0], 1)
+        autoregressive.class_rows(registry.Conditioning("unconditional", vocab_size=16), [0], 1)
 
 
 def test_console_script_dispatches_and_names_its_subcommands(capsys):

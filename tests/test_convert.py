@@ -329,3 +329,21 @@ def test_converted_workdir_holds_the_state_training_would_make(taming_vq, tmp_pa
     np.testing.assert_array_equal(state.g_params["quantize"]["codebook"],
                                   sd["quantize.embedding.weight"])
     assert workdir_lib.read_config(workdir, "--workdir").loss.ema_decay == ema_decay
+
+
+def test_a_config_that_fails_validation_converts_to_nothing(taming_vq, tmp_path):
+    """Converting checks the config as training would (``validate_config`` of
+    vqgan_jax.state.tokenizer / .transformer) before anything is written: the ValueError names
+    the field and no workdir is left behind."""
+    config, _, sd = taming_vq
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.loss.r1_every = 0
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in sd.items()}}, ckpt)
+    with pytest.raises(ValueError, match=r"config\.loss\.r1_every=0"):
+        taming.convert_from_taming(str(ckpt), config, str(tmp_path / "stage1"))
+    gpt_config = tiny_transformer_config()
+    gpt_config.pkeep = 0.0
+    with pytest.raises(ValueError, match=r"config\.pkeep=0\.0"):
+        taming.write_transformer_workdir(str(tmp_path / "stage2"), gpt_config, {}, step=0)
+    assert os.listdir(tmp_path) == ["last.ckpt"]

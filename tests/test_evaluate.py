@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, built_once, load_config, random_inception_state_dict, shrink
-from vqgan_jax import evaluation, metrics, parallel, workdir
+from vqgan_jax import metrics, parallel, scoring, workdir
 from vqgan_jax.data import pipeline, sources
 from vqgan_jax.models import registry
 from vqgan_jax.models.lpips import load_lpips_params
@@ -55,9 +55,9 @@ def test_library_evaluation_with_rfid_and_reference_stats(trained):
     ref_path = str(trained["root"] / "ref.npz")
     common = dict(dataset=trained["dataset"], split="validation", image_size=32, batch_size=8,
                   inception_weights=trained["weights"])
-    written = evaluation.write_reference_stats(ref_path, **common)
+    written = scoring.write_reference_stats(ref_path, **common)
     assert written["num_images"] == 5 and written["num_skipped"] == 0
-    report = evaluation.evaluate_workdir(trained["workdir"], ref_stats=ref_path, **common)
+    report = scoring.evaluate_workdir(trained["workdir"], ref_stats=ref_path, **common)
 
     assert json.loads((trained["root"] / "run" / "eval.json").read_text()) == report
     assert set(report) == KEYS | {"rfid"}
@@ -82,7 +82,7 @@ def test_library_evaluation_with_rfid_and_reference_stats(trained):
     source = sources.get_source(trained["dataset"], "validation")
     images = [pipeline.center_crop_resize(source[i]["image"], 32) for i in range(5)]
     vq = registry.build_models(config)[0]
-    direct, _ = evaluation.evaluate(g_params, load_lpips_params(), images, vq)
+    direct, _ = scoring.evaluate(g_params, load_lpips_params(), images, vq)
     for key in ("psnr", "ssim", "lpips", "codebook_usage", "perplexity"):
         np.testing.assert_allclose(report[key], direct[key], rtol=1e-4, err_msg=key)
     assert 0 < report["psnr"] < 100 and 0 < report["ssim"] < 1 and report["lpips"] > 0
@@ -113,24 +113,24 @@ def test_command_line_without_inception(trained):
 def test_bad_input_names_the_flag(trained, tmp_path):
     common = dict(dataset=trained["dataset"], image_size=32, batch_size=8)
     with pytest.raises(ValueError, match="--workdir=.*does not exist"):
-        evaluation.evaluate_workdir(str(tmp_path / "nowhere"), **common)
+        scoring.evaluate_workdir(str(tmp_path / "nowhere"), **common)
     with pytest.raises(ValueError, match="--workdir=.*no checkpoints/"):
-        evaluation.evaluate_workdir(str(tmp_path), **common)
+        scoring.evaluate_workdir(str(tmp_path), **common)
     with pytest.raises(ValueError, match="--step=7: no checkpoint"):
-        evaluation.evaluate_workdir(trained["workdir"], step=7, **common)
+        scoring.evaluate_workdir(trained["workdir"], step=7, **common)
     with pytest.raises(ValueError, match="--dataset=folder:/no/such/folder"):
-        evaluation.evaluate_workdir(trained["workdir"], **dict(common, dataset="folder:/no/such/folder"))
+        scoring.evaluate_workdir(trained["workdir"], **dict(common, dataset="folder:/no/such/folder"))
     with pytest.raises(ValueError, match="--batch_size=12 .* multiple of the 8 devices"):
-        evaluation.evaluate_workdir(trained["workdir"], **dict(common, batch_size=12))
+        scoring.evaluate_workdir(trained["workdir"], **dict(common, batch_size=12))
     with pytest.raises(FileNotFoundError, match="--inception_weights=.*does not exist"):
-        evaluation.evaluate_workdir(trained["workdir"], inception_weights=str(tmp_path / "x.pth"),
-                                    **common)
+        scoring.evaluate_workdir(trained["workdir"], inception_weights=str(tmp_path / "x.pth"),
+                                 **common)
     np.savez(tmp_path / "not_inception.npz", weight=np.zeros(3))
     with pytest.raises(ValueError, match=r"--inception_weights.*has no key 'Conv2d_1a_3x3\."):
-        evaluation.evaluate_workdir(trained["workdir"],
-                                    inception_weights=str(tmp_path / "not_inception.npz"), **common)
+        scoring.evaluate_workdir(trained["workdir"],
+                                 inception_weights=str(tmp_path / "not_inception.npz"), **common)
     metrics.save_stats(str(tmp_path / "ref64.npz"), np.zeros(2048), np.eye(2048), 5,
                        dict(dataset=trained["dataset"], split="validation", image_size=64))
     with pytest.raises(ValueError, match="--ref_stats=.*image_size=64.*--write_ref_stats"):
-        evaluation.evaluate_workdir(trained["workdir"], inception_weights=trained["weights"],
-                                    ref_stats=str(tmp_path / "ref64.npz"), **common)
+        scoring.evaluate_workdir(trained["workdir"], inception_weights=trained["weights"],
+                                 ref_stats=str(tmp_path / "ref64.npz"), **common)

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vqgan_jax import sampling
 from vqgan_jax.models.gpt import GPT
+from vqgan_jax.samplers import autoregressive
 
 V, GRID, P = 16, (4, 4), 1          # 16 codes, a 4x4 grid, one prefix token
 N = GRID[0] * GRID[1]
@@ -85,8 +85,8 @@ def test_a_later_token_never_changes_earlier_logits(params):
 
 def test_top_k_1_is_greedy_argmax(params):
     prefix = PREFIX
-    codes = np.asarray(sampling.sample(params, prefix, jax.random.key(3), gpt=GPT_TINY,
-                                       num_codes=N, top_k=1))
+    codes = np.asarray(autoregressive.sample(params, prefix, jax.random.key(3), gpt=GPT_TINY,
+                                             num_codes=N, top_k=1))
     tokens = np.asarray(prefix)
     for _ in range(N):  # greedy decoding by full recomputation
         tokens = np.concatenate([tokens, forward(params, tokens)[:, -1:].argmax(-1)], 1)
@@ -95,25 +95,25 @@ def test_top_k_1_is_greedy_argmax(params):
 
 def test_cached_sampler_equals_recomputing_sampler_and_is_reproducible(params):
     prefix, kw = PREFIX, dict(KW, temperature=1.3)
-    cached = np.asarray(sampling.sample(params, prefix, jax.random.key(5), **kw))
-    recomputed = np.asarray(sampling.sample(params, prefix, jax.random.key(5), use_cache=False,
-                                            **kw))
+    cached = np.asarray(autoregressive.sample(params, prefix, jax.random.key(5), **kw))
+    recomputed = np.asarray(autoregressive.sample(params, prefix, jax.random.key(5),
+                                                  use_cache=False, **kw))
     np.testing.assert_array_equal(cached, recomputed)
     assert cached.shape == (2, N) and cached.dtype == np.int32
     assert ((0 <= cached) & (cached < V)).all()
     np.testing.assert_array_equal(
-        cached, np.asarray(sampling.sample(params, prefix, jax.random.key(5), **kw)))
-    other = np.asarray(sampling.sample(params, prefix, jax.random.key(6), **kw))
+        cached, np.asarray(autoregressive.sample(params, prefix, jax.random.key(5), **kw)))
+    other = np.asarray(autoregressive.sample(params, prefix, jax.random.key(6), **kw))
     assert (other != cached).any()
 
 
 def test_guidance_scale_1_is_the_conditional_and_0_the_unconditional_model(params):
     prefix, null, kw = PREFIX, jnp.array([[V + 2], [V + 2]]), KW
     rng = jax.random.key(7)
-    plain = np.asarray(sampling.sample(params, prefix, rng, **kw))
-    uncond = np.asarray(sampling.sample(params, null, rng, **kw))
-    guided = lambda s: np.asarray(sampling.sample(params, prefix, rng, null_prefix=null,
-                                                  guidance_scale=s, **kw))
+    plain = np.asarray(autoregressive.sample(params, prefix, rng, **kw))
+    uncond = np.asarray(autoregressive.sample(params, null, rng, **kw))
+    guided = lambda s: np.asarray(autoregressive.sample(params, prefix, rng, null_prefix=null,
+                                                        guidance_scale=s, **kw))
     np.testing.assert_array_equal(guided(1.0), plain)
     np.testing.assert_array_equal(guided(0.0), uncond)
     assert (guided(3.0) != plain).any()
@@ -136,18 +136,19 @@ def _nucleus_reference(logits: np.ndarray, p: float) -> np.ndarray:
 @pytest.mark.parametrize("top_p", [0.05, 0.5, 0.92, 0.999])
 def test_top_p_keeps_the_smallest_set_reaching_p(top_p):
     logits = np.random.default_rng(2).normal(0, 2.0, (64, 50)).astype(np.float32)
-    out = np.asarray(sampling.filter_logits(jnp.asarray(logits), top_p=top_p, temperature=0.7))
+    out = np.asarray(autoregressive.filter_logits(jnp.asarray(logits), top_p=top_p,
+                                                  temperature=0.7))
     np.testing.assert_array_equal(np.isfinite(out), _nucleus_reference(logits / 0.7, top_p))
     np.testing.assert_allclose(out[np.isfinite(out)], (logits / 0.7)[np.isfinite(out)], rtol=1e-6)
 
 
 def test_top_k_keeps_the_k_largest_and_combines_with_top_p():
     logits = np.random.default_rng(3).normal(0, 2.0, (32, 50)).astype(np.float32)
-    out = np.asarray(sampling.filter_logits(jnp.asarray(logits), top_k=5))
+    out = np.asarray(autoregressive.filter_logits(jnp.asarray(logits), top_k=5))
     expected = np.zeros(logits.shape, bool)
     np.put_along_axis(expected, np.argsort(-logits, -1)[:, :5], True, -1)
     np.testing.assert_array_equal(np.isfinite(out), expected)
-    both = np.asarray(sampling.filter_logits(jnp.asarray(logits), top_k=5, top_p=0.6))
+    both = np.asarray(autoregressive.filter_logits(jnp.asarray(logits), top_k=5, top_p=0.6))
     # top-p then acts on the renormalised top-5 distribution.
     top5 = np.where(expected, logits, -np.inf)
     np.testing.assert_array_equal(np.isfinite(both), _nucleus_reference(top5, 0.6))
@@ -156,27 +157,28 @@ def test_top_k_keeps_the_k_largest_and_combines_with_top_p():
 def test_sliding_window_on_the_training_grid_is_the_plain_sampler(params):
     prefix = PREFIX
     kw = dict(top_k=KW["top_k"], top_p=KW["top_p"])
-    plain = np.asarray(sampling.sample(params, prefix, jax.random.key(9), **KW)).reshape(2, *GRID)
-    window = np.asarray(sampling.sample_sliding_window(
+    plain = np.asarray(autoregressive.sample(params, prefix, jax.random.key(9), **KW))
+    plain = plain.reshape(2, *GRID)
+    window = np.asarray(autoregressive.sample_sliding_window(
         params, prefix, jax.random.key(9), gpt=GPT_TINY, grid=GRID, height=GRID[0],
         width=GRID[1], **kw))
     np.testing.assert_array_equal(window, plain)
-    large = np.asarray(sampling.sample_sliding_window(
+    large = np.asarray(autoregressive.sample_sliding_window(
         params, prefix, jax.random.key(9), gpt=GPT_TINY, grid=GRID, height=6, width=9, **kw))
     assert large.shape == (2, 6, 9) and ((0 <= large) & (large < V)).all()
     # Until the window starts to move (j > gw // 2), row 0 sees exactly what the plain sampler saw.
     np.testing.assert_array_equal(large[:, 0, :GRID[1] // 2 + 1], plain[:, 0, :GRID[1] // 2 + 1])
     with pytest.raises(ValueError, match="smaller than the training grid"):
-        sampling.sample_sliding_window(params, prefix, jax.random.key(9), gpt=GPT_TINY,
-                                       grid=GRID, height=3, width=9)
+        autoregressive.sample_sliding_window(params, prefix, jax.random.key(9), gpt=GPT_TINY,
+                                             grid=GRID, height=3, width=9)
 
 
 def test_window_start_is_centred_and_clipped():
-    starts = [int(sampling.window_start(i, 10, 4)) for i in range(10)]
+    starts = [int(autoregressive.window_start(i, 10, 4)) for i in range(10)]
     assert starts == [0, 0, 0, 1, 2, 3, 4, 5, 6, 6]
 
 
 def test_sequence_longer_than_block_size_fails_before_compiling(params):
     with pytest.raises(ValueError, match="block_size >= 17"):
-        sampling.sample(params, jnp.array([[V, V]]), jax.random.key(0), gpt=GPT_TINY,
-                        num_codes=N)
+        autoregressive.sample(params, jnp.array([[V, V]]), jax.random.key(0), gpt=GPT_TINY,
+                              num_codes=N)

@@ -20,9 +20,9 @@ from PIL import Image
 
 from conftest import CONFIG_DIR, ROOT, load_config, tiny
 from vqgan_jax import parallel
-from vqgan_jax import sampling
 from vqgan_jax.models import registry
 from vqgan_jax.models.gpt import GPT
+from vqgan_jax.samplers import autoregressive
 from vqgan_jax.state import transformer as state2
 from vqgan_jax.trainers import transformer as T
 
@@ -168,11 +168,11 @@ def test_train_resume_and_sample_cli(gpt_run, tmp_path):
 
 
 def test_sample_fid_and_inception_score_of_a_stage2_workdir(gpt_run, tmp_path):
-    """evaluation.evaluate_samples: FID of the workdir's samples against statistics of the same
+    """scoring.evaluate_samples: FID of the workdir's samples against statistics of the same
     samples drawn independently (same seed scheme, classes j % num_classes) is ~0; IS is in
     [1, 1008]; the protocol records the sampler's settings."""
     from conftest import random_inception_state_dict
-    from vqgan_jax import evaluation, metrics
+    from vqgan_jax import metrics, scoring
     from vqgan_jax.models import inception
 
     workdir = str(gpt_run[1])  # the trained GPT at step 2 (evaluate_samples adds eval.json)
@@ -181,9 +181,9 @@ def test_sample_fid_and_inception_score_of_a_stage2_workdir(gpt_run, tmp_path):
 
     params, frozen, sc, _ = state2.load_for_sampling(workdir)
     rng, settings = jax.random.key(3), dict(top_k=4, top_p=0.9, temperature=1.0)
-    samples = [np.clip(sampling.sample_images(params, frozen, sc,
-                                              sampling.class_rows(sc.conditioning, c, 1),
-                                              jax.random.fold_in(rng, i), **settings), -1, 1)
+    samples = [np.clip(autoregressive.sample_images(
+                   params, frozen, sc, autoregressive.class_rows(sc.conditioning, c, 1),
+                   jax.random.fold_in(rng, i), **settings), -1, 1)
                for i, c in enumerate(([0, 1, 0], [1, 0]))]  # batches of 3: classes j % 2
     mesh = parallel.create_mesh(devices=jax.devices()[:1])
     variables = inception.load_inception_params(weights)
@@ -191,16 +191,16 @@ def test_sample_fid_and_inception_score_of_a_stage2_workdir(gpt_run, tmp_path):
     ref = str(tmp_path / "ref.npz")
     metrics.save_stats(ref, stats.mu, stats.sigma, 5, {})
 
-    report = evaluation.evaluate_samples(workdir, num_samples=5, batch_size=3,
-                                         inception_weights=weights, ref_stats=ref, seed=3,
-                                         **settings)
+    report = scoring.evaluate_samples(workdir, num_samples=5, batch_size=3,
+                                      inception_weights=weights, ref_stats=ref, seed=3,
+                                      **settings)
     assert abs(report["fid"]) < 1e-3 * max(1.0, float(np.trace(stats.sigma)))
     assert 1.0 < report["inception_score"] <= 1008.0  # one split of 5 distinct samples
     assert report["num_samples"] == 5 and report["step"] == 2
     assert report["protocol"]["top_k"] == 4 and report["protocol"]["conditioning"] == "class"
     assert json.loads((gpt_run[1] / "eval.json").read_text())["fid"] == report["fid"]
     with pytest.raises(ValueError, match="--top_p"):
-        evaluation.evaluate_samples(workdir, num_samples=5, inception_weights=weights, top_p=0)
+        scoring.evaluate_samples(workdir, num_samples=5, inception_weights=weights, top_p=0)
     result = subprocess.run([sys.executable, "-m", "vqgan_jax.evaluate", f"--workdir={workdir}"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "stage-2 workdir is scored by FID" in result.stderr

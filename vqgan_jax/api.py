@@ -27,10 +27,11 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from vqgan_jax import metrics, parallel, sampling, workdir as workdir_lib
+from vqgan_jax import metrics, parallel, workdir as workdir_lib
 from vqgan_jax.data import pipeline
 from vqgan_jax.interop import llamagen, taming
 from vqgan_jax.models import registry
+from vqgan_jax.samplers import autoregressive
 from vqgan_jax.state import transformer as stage2
 
 __all__ = ["Generator", "Tokenizer", "load_generator", "load_tokenizer", "pad_batch"]
@@ -257,8 +258,8 @@ class Generator(_OnLocalDevices):
             if value % f or value < size:
                 raise ValueError(f"{name}={value} pixels; use a multiple of the downsampling "
                                  f"factor {f} of at least the training size {size}.")
-        sampling.check_sampling_args(self._sc, height // f, width // f, guidance_scale)
-        prefix = np.asarray(sampling.class_rows(self.conditioning, class_ids, num))
+        autoregressive.check_sampling_args(self._sc, height // f, width // f, guidance_scale)
+        prefix = np.asarray(autoregressive.class_rows(self.conditioning, class_ids, num))
         guided = guidance_scale != 1.0
         program = self._program(height // f, width // f, int(top_k), float(top_p), guided)
         return self._run(program, (self.params, self._frozen), prefix, jax.random.key(seed),
@@ -272,7 +273,7 @@ class Generator(_OnLocalDevices):
             sc = self._sc
 
             def program(params, frozen, prefix, rng, temperature, guidance_scale):
-                return metrics.to_uint8(sampling.draw_images(
+                return metrics.to_uint8(autoregressive.draw_images(
                     params, frozen, sc, prefix, rng, height=height, width=width, top_k=top_k,
                     top_p=top_p, temperature=temperature,
                     guidance_scale=guidance_scale if guided else None))

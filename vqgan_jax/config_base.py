@@ -1,5 +1,5 @@
 """Default config fields for every recipe in configs/ (stage 1: tokenizer_config, stage 2:
-transformer_config); recipes override what differs.
+transformer_config; recipes override what differs) and the checks both stages share.
 
 Every field is read by some code; comments give units and meaning.
 """
@@ -247,3 +247,21 @@ def transformer_config() -> ml_collections.ConfigDict:
     # NaN/Inf steps are skipped; this many in a row stop the run (see tokenizer_config).
     c.max_consecutive_nonfinite = 20
     return c
+
+
+def check_config(config: ml_collections.ConfigDict, num_devices: int, dtypes: dict) -> None:
+    """Checks both stages share: ``config.dtype`` in ``dtypes``, a global batch the devices split
+    evenly, step counts and intervals, ``max_consecutive_nonfinite``; ValueErrors name the field."""
+    if config.dtype not in dtypes:
+        raise ValueError(f"config.dtype={config.dtype!r}; use one of {sorted(dtypes)}.")
+    if config.batch_size <= 0 or config.batch_size % num_devices:
+        raise ValueError(f"config.batch_size={config.batch_size} (global) is not divisible by "
+                         f"the {num_devices} devices the batch is split over.")
+    if config.num_train_steps < 0:
+        raise ValueError("config.num_train_steps must be >= 0.")
+    for field in ("log_every_steps", "checkpoint_every_steps", "eval_every_steps"):
+        if config.get(field, 1) < 1:
+            raise ValueError(f"config.{field}={config[field]} must be >= 1 (a number of steps).")
+    if config.max_consecutive_nonfinite < 1:
+        raise ValueError(f"config.max_consecutive_nonfinite={config.max_consecutive_nonfinite} "
+                         "must be >= 1 (the number of NaN/Inf steps in a row that stops a run).")

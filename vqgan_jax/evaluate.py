@@ -2,14 +2,14 @@
 
 A stage-2 (transformer) workdir is scored instead by sampling ``--num_samples`` images:
 ``fid`` against ``--ref_stats`` and ``inception_score`` (see
-:func:`vqgan_jax.evaluation.evaluate_samples`).
+:func:`vqgan_jax.scoring.evaluate_samples`).
 
 Keeps each evaluation in ``DIR/eval/step_<step>_<split>_<protocol>.json`` (psnr, ssim, lpips,
 codebook_usage, perplexity, rfid with ``--inception_weights``, and the protocol), listed in
 ``DIR/eval/index.json``; ``DIR/eval.json`` and ``DIR/eval_reconstructions.png`` hold the latest.
 The newest intact checkpoint is evaluated; a workdir with none ends with that message. With
 ``--write_ref_stats=PATH`` (and no workdir) it instead saves the Inception statistics of the
-dataset split for reuse as ``--ref_stats``. See :mod:`vqgan_jax.evaluation`.
+dataset split for reuse as ``--ref_stats``. See :mod:`vqgan_jax.scoring`.
 """
 
 from absl import app, flags, logging
@@ -58,7 +58,7 @@ def _main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     import jax
-    from vqgan_jax import evaluation
+    from vqgan_jax import scoring
     if _DISTRIBUTED.value:
         jax.distributed.initialize()
     common = dict(split=_SPLIT.value, data_dir=_DATA_DIR.value, num_images=_NUM_IMAGES.value,
@@ -66,8 +66,8 @@ def _main(argv):
     if _WRITE_REF_STATS.value:
         if not (_DATASET.value and _INCEPTION.value):
             raise app.UsageError("--write_ref_stats needs --dataset and --inception_weights.")
-        evaluation.write_reference_stats(_WRITE_REF_STATS.value, dataset=_DATASET.value,
-                                         inception_weights=_INCEPTION.value, **common)
+        scoring.write_reference_stats(_WRITE_REF_STATS.value, dataset=_DATASET.value,
+                                      inception_weights=_INCEPTION.value, **common)
         return
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required (or --write_ref_stats to write reference "
@@ -77,14 +77,14 @@ def _main(argv):
         if not _INCEPTION.value:
             raise app.UsageError("A stage-2 workdir is scored by FID and Inception Score: pass "
                                  "--inception_weights (and --ref_stats for FID).")
-        report = evaluation.evaluate_samples(
+        report = scoring.evaluate_samples(
             _WORKDIR.value, num_samples=_NUM_SAMPLES.value, inception_weights=_INCEPTION.value,
             ref_stats=_REF_STATS.value, batch_size=_BATCH_SIZE.value, top_k=_TOP_K.value,
             top_p=_TOP_P.value, temperature=_TEMPERATURE.value,
             guidance_scale=_GUIDANCE.value, seed=_SEED.value)
         logging.info("Evaluation: %s", {k: v for k, v in report.items() if k != "protocol"})
         return
-    report = evaluation.evaluate_workdir(
+    report = scoring.evaluate_workdir(
         _WORKDIR.value, dataset=_DATASET.value, inception_weights=_INCEPTION.value,
         ref_stats=_REF_STATS.value, step=_STEP.value, **common)
     logging.info("Evaluation: %s", {k: v for k, v in report.items() if k != "protocol"})

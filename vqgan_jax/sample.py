@@ -29,7 +29,8 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    from vqgan_jax import api, console, sampling, workdir
+    from vqgan_jax import api, console, workdir
+    from vqgan_jax.samplers import autoregressive
     console.quiet_logs()
     try:
         class_ids = [int(c) for c in _CLASS_IDS.value]
@@ -44,7 +45,7 @@ def main(argv):
             temperature=_TEMPERATURE.value, guidance_scale=_GUIDANCE.value,
             height=_HEIGHT.value and _HEIGHT.value * f, width=_WIDTH.value and _WIDTH.value * f,
             seed=_SEED.value)
-    workdir.write_png(_OUT.value, sampling.image_grid(images, max(1, len(class_ids))))
+    workdir.write_png(_OUT.value, autoregressive.image_grid(images, max(1, len(class_ids))))
 
 
 if __name__ == "__main__":

@@ -491,6 +491,7 @@ def write_tokenizer_workdir(out: str, config: ml_collections.ConfigDict, convert
       ValueError: naming the config field that cannot work, or ``field`` when ``out`` already
         holds checkpoints.
     """
+    stage1.validate_config(config, num_devices=1)
     out = workdir_lib.ensure_writable_workdir(out)
     sc = stage1.build_step_config(config)
     state = jax.jit(functools.partial(stage1.init_state, sc=sc, image_size=config.image_size))(
@@ -517,6 +518,7 @@ def write_transformer_workdir(out: str, config: ml_collections.ConfigDict, param
     Returns:
       ``out`` as an absolute path.
     """
+    stage2.validate_config(config, num_devices=1)
     out = workdir_lib.ensure_writable_workdir(out)
     sc = stage2.build_step_config(config)
     params = jax.tree.map(jnp.asarray, params)

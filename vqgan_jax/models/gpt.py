@@ -9,7 +9,7 @@ conditioning tokens (start token, class ids, the null class, condition codes: se
 Decoding uses a KV cache of fixed shape ``[B, n_head, block_size, head_dim]`` per layer: a call
 with ``cache`` writes the keys and values of its ``T`` tokens at positions
 ``pos .. pos+T-1`` and attends to every cached position ``<=`` each query's own, so a prefix
-can be written in one call and then one token a call (see :mod:`vqgan_jax.sampling`).
+can be written in one call and then one token a call (see :mod:`vqgan_jax.samplers.autoregressive`).
 
 Every parameter carries logical axis names (``embed``, ``heads``, ``mlp``, ``vocab``; position
 tables have ``None`` on their position axis) through ``nn.with_logical_partitioning``. The

@@ -1,5 +1,5 @@
 """What every trainer shares: the job runner (:func:`run_job`) with sharded state creation,
-checkpoints, writers, the training loop and the shared config checks."""
+checkpoints, writers and the training loop."""
 
 import dataclasses
 import functools
@@ -186,25 +186,6 @@ class NonFiniteGuard:
                 f"non-finite loss or gradient (config.max_consecutive_nonfinite="
                 f"{self.max_consecutive}); stopped at step {step} without saving. The last good "
                 "checkpoint is untouched: lower the learning rate or check the data, then resume.")
-
-
-def check_config(config: Any, num_devices: int, dtypes: Any) -> None:
-    """The checks every stage's ``validate_config`` shares: ``config.dtype`` among ``dtypes``,
-    a global batch the devices split evenly, step counts and intervals, and
-    ``max_consecutive_nonfinite``; a ValueError names the field and what would work."""
-    if config.dtype not in dtypes:
-        raise ValueError(f"config.dtype={config.dtype!r}; use one of {sorted(dtypes)}.")
-    if config.batch_size <= 0 or config.batch_size % num_devices:
-        raise ValueError(f"config.batch_size={config.batch_size} (global) is not divisible by "
-                         f"the {num_devices} devices the batch is split over.")
-    if config.num_train_steps < 0:
-        raise ValueError("config.num_train_steps must be >= 0.")
-    for field in ("log_every_steps", "checkpoint_every_steps", "eval_every_steps"):
-        if config.get(field, 1) < 1:
-            raise ValueError(f"config.{field}={config[field]} must be >= 1 (a number of steps).")
-    if config.max_consecutive_nonfinite < 1:
-        raise ValueError(f"config.max_consecutive_nonfinite={config.max_consecutive_nonfinite} "
-                         "must be >= 1 (the number of NaN/Inf steps in a row that stops a run).")
 
 
 def jit_step(step_fn: Callable[..., tuple[Any, dict]], mesh: Mesh, state_shardings: Any,

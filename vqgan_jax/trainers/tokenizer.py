@@ -31,13 +31,12 @@ import ml_collections
 import optax
 from absl import logging
 
-from vqgan_jax import evaluation, losses, parallel, workdir as workdir_lib
+from vqgan_jax import losses, parallel, scoring, workdir as workdir_lib
 from vqgan_jax.data import pipeline, sources
 from vqgan_jax.models import quantizers
 from vqgan_jax.models.lpips import load_lpips_params, lpips_fn
-from vqgan_jax.models.registry import ARCHS, DISCS, DTYPES
 from vqgan_jax.state.tokenizer import (StepConfig, TrainState, build_step_config, eval_params,
-                                       init_state)
+                                       init_state, validate_config)
 from vqgan_jax.trainers import loop
 
 def _write_codebook(g_params: Any, update: dict[str, Any]) -> Any:
@@ -371,92 +370,13 @@ def lpips_shardings(mesh, rules) -> Any:
 
 # ----------------------------------------------------------------------------- the job
 
-def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
-    """Fail fast, before any compile, with the offending field named.
-
-    Raises:
-      ValueError: on any field that cannot work, e.g. an unknown ``config.arch``,
-        ``config.disc.kind``, ``config.loss.disc_loss`` or ``config.loss.gen_loss`` (the
-        message names the field and the valid choices); and as :func:`loop.check_config`.
-    """
-    loop.check_config(config, num_devices, DTYPES)
-    m = config.model
-    arch = config.get("arch", "vqgan")
-    if arch not in ARCHS:
-        raise ValueError(f"config.arch={arch!r}; use one of {sorted(ARCHS)}.")
-    disc_kind = config.disc.get("kind", "patchgan")
-    if disc_kind not in DISCS:
-        raise ValueError(f"config.disc.kind={disc_kind!r}; use one of {sorted(DISCS)}.")
-    o = config.optimizer
-    if o.get("lr_schedule", "constant") not in ("constant", "cosine"):
-        raise ValueError(f"config.optimizer.lr_schedule={o.lr_schedule!r}; use 'constant' or "
-                         "'cosine'.")
-    warmup, final = o.get("warmup_steps", 0), o.get("final_lr_fraction", 0.0)
-    if not (warmup >= 0 and 0 <= final <= 1):
-        raise ValueError(f"config.optimizer.warmup_steps={warmup} must be >= 0 and "
-                         f"final_lr_fraction={final} in [0, 1].")
-    if arch == "vqgan":
-        f = 2 ** (len(m.ch_mult) - 1)
-        if config.image_size % f:
-            raise ValueError(f"config.image_size={config.image_size} is not divisible by the "
-                             f"downsampling factor {f} of config.model.ch_mult={tuple(m.ch_mult)}.")
-        reached = {config.image_size // 2 ** i for i in range(len(m.ch_mult))}
-        for r in m.attn_resolutions:
-            if r not in reached:
-                raise ValueError(f"config.model.attn_resolutions contains {r}, a resolution "
-                                 "the encoder never reaches (it visits "
-                                 f"{sorted(reached, reverse=True)}).")
-        for c in {m.ch * k for k in m.ch_mult}:
-            if c % m.norm_groups:
-                raise ValueError(f"config.model.norm_groups={m.norm_groups} does not divide {c} "
-                                 "channels; choose ch and ch_mult so every level is a multiple.")
-    else:
-        if config.image_size % m.patch_size:
-            raise ValueError(f"config.image_size={config.image_size} is not divisible by "
-                             f"config.model.patch_size={m.patch_size}.")
-        for part in ("enc", "dec"):
-            if m[f"{part}_width"] % m[f"{part}_heads"]:
-                raise ValueError(f"config.model.{part}_width={m[f'{part}_width']} is not divisible "
-                                 f"by config.model.{part}_heads={m[f'{part}_heads']}.")
-    if m.n_embed < 2:
-        raise ValueError(f"config.model.n_embed={m.n_embed}; a codebook needs at least 2 codes.")
-    quantizers.quantizer_spec(config.get("quantizer")).make(  # config.quantizer vs config.model
-        m.n_embed, m.embed_dim, l2_normalize=m.get("l2_normalize_codes", False))
-    if disc_kind == "stylegan":
-        size = config.image_size
-        if size < 8 or size & (size - 1):
-            raise ValueError(f"config.image_size={size}: the StyleGAN discriminator "
-                             "(config.disc.kind='stylegan') needs a power of two >= 8.")
-        group = min(config.disc.mbstd_group_size, config.batch_size)
-        if config.batch_size % group:
-            raise ValueError(f"config.batch_size={config.batch_size} is not divisible by "
-                             f"config.disc.mbstd_group_size={config.disc.mbstd_group_size}.")
-    loss = config.loss
-    if loss.get("gen_loss", "hinge") not in losses.G_LOSSES:
-        raise ValueError(f"config.loss.gen_loss={loss.gen_loss!r}; use one of "
-                         f"{sorted(losses.G_LOSSES)}.")
-    if loss.get("r1_every", 1) < 1:
-        raise ValueError(f"config.loss.r1_every={loss.r1_every} must be >= 1 (R1 is applied on "
-                         "steps divisible by it).")
-    for field in ("ema_decay", "lecam_ema_decay"):
-        if not 0.0 <= loss.get(field, 0.0) < 1.0:
-            raise ValueError(f"config.loss.{field}={loss[field]} must be in [0, 1).")
-    if config.loss.perceptual_weight > 0 and config.image_size < 32:
-        raise ValueError(f"config.image_size={config.image_size}: LPIPS (VGG16, four 2x poolings) "
-                         "needs at least 32 pixels; use larger images or "
-                         "config.loss.perceptual_weight=0.")
-    if config.loss.disc_loss not in losses.D_LOSSES:
-        raise ValueError(f"config.loss.disc_loss={config.loss.disc_loss!r}; use one of "
-                         f"{sorted(losses.D_LOSSES)}.")
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Train the tokenizer per ``config`` in ``workdir`` through :func:`loop.run_job`
     (resume, preemption, non-finite steps, checkpoints and logs as described there).
 
     Steps before ``disc_start`` run the generator-only program. Every
     ``config.eval_every_steps`` and at the end, the held-out images are scored
-    (:func:`vqgan_jax.evaluation.evaluate`: psnr in dB, ssim, lpips, codebook_usage as a
+    (:func:`vqgan_jax.scoring.evaluate`: psnr in dB, ssim, lpips, codebook_usage as a
     fraction, perplexity) into ``eval/*`` scalars, ``metrics.json`` and
     ``reconstructions.png`` (originals | reconstructions).
 
@@ -479,12 +399,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         lpips_params = jax.device_put(load_lpips_params(), lpips_shardings(mesh, rules))
 
         def evaluate(state, step, writer):
-            metrics, recs = evaluation.evaluate(eval_params(state), lpips_params, eval_images,
-                                                sc.vq)
+            metrics, recs = scoring.evaluate(eval_params(state), lpips_params, eval_images, sc.vq)
             writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
             loop.write_picture(writer, workdir, step, "eval/input|reconstruction",
                                "reconstructions.png",
-                               evaluation.comparison_grid(eval_images, recs))
+                               scoring.comparison_grid(eval_images, recs))
             if jax.process_index() == 0:
                 workdir_lib.write_json(os.path.join(workdir, "metrics.json"), dict(metrics, step=step))
             return metrics

@@ -1,5 +1,5 @@
 """Stage 2: train a GPT over a frozen tokenizer's codes (Esser et al. 2021, sec. 3.2; taming's
-``Net2NetTransformer``); sampling a trained workdir is :mod:`vqgan_jax.sampling`'s.
+``Net2NetTransformer``); sampling a trained workdir is :mod:`vqgan_jax.samplers.autoregressive`'s.
 
 Codes are made on the fly: each batch of augmented crops from the stage-1 grain pipeline goes
 through the frozen tokenizer's encoder inside the jitted step, so every epoch sees new random
@@ -23,69 +23,12 @@ import numpy as np
 import optax
 from absl import logging
 
-from vqgan_jax import metrics as metrics_lib
-from vqgan_jax import workdir as workdir_lib
+from vqgan_jax import metrics as metrics_lib, workdir as workdir_lib
 from vqgan_jax.data import sources
-from vqgan_jax.models.registry import CONDITIONINGS, DTYPES
-from vqgan_jax.sampling import class_rows, image_grid, sample_images
-from vqgan_jax.state.transformer import (StepConfig, TrainState, build_step_config,
-                                         frozen_tokenizer, init_state, load_frozen)
+from vqgan_jax.samplers.autoregressive import class_rows, image_grid, sample_images
+from vqgan_jax.state.transformer import (StepConfig, TrainState, build_step_config, init_state,
+                                         load_frozen, validate_config)
 from vqgan_jax.trainers import loop
-
-
-# ----------------------------------------------------------------------------- building
-
-def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
-    """Fail fast, before any compile, with the offending field named.
-
-    Reads the tokenizers' saved configs (cheap JSON reads).
-
-    Raises:
-      ValueError: on any field that cannot work, e.g. a tokenizer workdir with no checkpoint
-        (saying what to run first), a block_size too short for prefix + codes, or a batch the
-        devices cannot split (:func:`loop.check_config`).
-    """
-    loop.check_config(config, num_devices, DTYPES)
-    if config.conditioning not in CONDITIONINGS:
-        raise ValueError(f"config.conditioning={config.conditioning!r}; use one of "
-                         f"{CONDITIONINGS}.")
-    m = config.model
-    if m.n_embd % m.n_head:
-        raise ValueError(f"config.model.n_embd={m.n_embd} is not divisible by "
-                         f"config.model.n_head={m.n_head}.")
-    if not 0 < config.pkeep <= 1:
-        raise ValueError(f"config.pkeep={config.pkeep} must be in (0, 1].")
-    if not 0 <= config.class_drop_prob < 1:
-        raise ValueError(f"config.class_drop_prob={config.class_drop_prob} must be in [0, 1).")
-    if config.conditioning == "class" and config.num_classes < 1:
-        raise ValueError(f"config.num_classes={config.num_classes}; class conditioning needs "
-                         "at least one class.")
-    if not config.tokenizer_workdir:
-        raise ValueError("config.tokenizer_workdir is empty; set it to a stage-1 workdir (e.g. "
-                         "runs/demo, made by `make demo`).")
-    vq = frozen_tokenizer(config.tokenizer_workdir, "config.tokenizer_workdir")
-    f = vq.downsample_factor
-    if config.image_size % f:
-        raise ValueError(f"config.image_size={config.image_size} is not divisible by the "
-                         f"tokenizer's downsampling factor {f}.")
-    num_codes = (config.image_size // f) ** 2
-    prefix = 1
-    if config.conditioning == "image":
-        if not config.cond_tokenizer_workdir:
-            raise ValueError("config.cond_tokenizer_workdir is empty; image conditioning needs "
-                             "a stage-1 workdir for the cond-stage tokenizer.")
-        cond = frozen_tokenizer(config.cond_tokenizer_workdir, "config.cond_tokenizer_workdir")
-        fc = cond.downsample_factor
-        if config.cond_image_size % fc or config.cond_image_size > config.image_size:
-            raise ValueError(f"config.cond_image_size={config.cond_image_size} must be a "
-                             f"multiple of the cond-stage tokenizer's factor {fc} and at most "
-                             f"config.image_size={config.image_size}.")
-        prefix = (config.cond_image_size // fc) ** 2
-    if m.block_size < prefix + num_codes - 1:
-        raise ValueError(
-            f"config.model.block_size={m.block_size} is shorter than the {prefix} prefix "
-            f"tokens + {num_codes} codes ({config.image_size // f}x{config.image_size // f} "
-            f"grid) - 1 the GPT reads; use block_size >= {prefix + num_codes - 1}.")
 
 
 # ----------------------------------------------------------------------------- the step

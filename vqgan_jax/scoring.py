@@ -1,6 +1,6 @@
-"""The tokenizer evaluator: held-out reconstruction scores, the same code for training's
-periodic evaluation (:func:`evaluate`) and for a workdir on a dataset split with a fixed,
-recorded protocol (:func:`evaluate_workdir`, ``python -m vqgan_jax.evaluate``).
+"""Scores reconstructions and samples: PSNR, SSIM, LPIPS, rFID, FID, IS; the same code for
+training's periodic evaluation (:func:`evaluate`) and for a workdir on a dataset split with a
+fixed, recorded protocol (:func:`evaluate_workdir`, ``python -m vqgan_jax.evaluate``).
 
 :func:`evaluate_workdir` restores the tokenizer from a stage-1 workdir's latest (or a given)
 checkpoint and runs over the first ``num_images`` images of a split (default: all) in global
@@ -29,10 +29,11 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from vqgan_jax import console, metrics, parallel, sampling, workdir as workdir_lib
+from vqgan_jax import console, metrics, parallel, workdir as workdir_lib
 from vqgan_jax.data import pipeline, sources
 from vqgan_jax.models import inception, registry
 from vqgan_jax.models.lpips import load_lpips_params
+from vqgan_jax.samplers import autoregressive
 from vqgan_jax.state import transformer as state_transformer
 
 RESIZE = ("central square crop (side min(H, W)) resized to image_size x image_size with PIL "
@@ -372,7 +373,7 @@ def evaluate_samples(workdir: str, *, num_samples: int, inception_weights: str,
                      seed: int = 0) -> dict[str, Any]:
     """Score a stage-2 workdir's generator: FID and Inception Score of ``num_samples`` samples.
 
-    Samples are drawn with the jitted sampler (:func:`vqgan_jax.sampling.sample_images`) at the
+    Samples are drawn with the jitted sampler (:func:`autoregressive.sample_images`) at the
     training grid in batches of ``batch_size``, batch ``i`` with key ``fold_in(key(seed), i)``;
     class-conditional models cycle through the classes (sample ``j`` has class
     ``j % num_classes``: 50 per class for 50,000 ImageNet samples), unconditional ones use the
@@ -422,10 +423,10 @@ def evaluate_samples(workdir: str, *, num_samples: int, inception_weights: str,
             b = min(batch_size, num_samples - start)
             if sc.conditioning.kind == "class":
                 classes = [(start + j) % sc.conditioning.num_classes for j in range(b)]
-                prefix = sampling.class_rows(sc.conditioning, classes, 1)
+                prefix = autoregressive.class_rows(sc.conditioning, classes, 1)
             else:
-                prefix = sampling.class_rows(sc.conditioning, [], b)
-            yield np.clip(sampling.sample_images(
+                prefix = autoregressive.class_rows(sc.conditioning, [], b)
+            yield np.clip(autoregressive.sample_images(
                 params, frozen, sc, prefix, jax.random.fold_in(rng, i), top_k=top_k,
                 top_p=top_p, temperature=temperature, guidance_scale=guidance_scale), -1, 1)
 

@@ -1,0 +1,1 @@
+"""Samplers of a trained stage-2 model: autoregressive (KV-cached, sliding window)."""
