@@ -88,6 +88,13 @@ def random_inception_state_dict(seed: int = 0) -> dict[str, np.ndarray]:
     return {k: v.astype(np.float32) for k, v in out.items()}
 
 
+def pytest_collection_modifyitems(items):
+    """Tests marked ``start_early`` (a minute or more each) run first: pytest-xdist deals the
+    first tests to its workers in turn, so the long ones run side by side from the start and
+    the workers finish together, instead of one worker starting a long test near the end."""
+    items.sort(key=lambda item: item.get_closest_marker("start_early") is None)  # stable
+
+
 def built_once(tmp_path_factory, name: str, build) -> pathlib.Path:
     """The folder ``name`` that ``build(folder)`` fills, built once per test session: the
     first pytest-xdist worker to ask builds it while the other waits on a lock, then both use

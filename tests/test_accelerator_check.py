@@ -6,9 +6,12 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.start_early
 def test_accelerator_check_tiny_writes_every_part(tmp_path):
     out = tmp_path / "check.json"
     # One CPU device: conftest's eight simulated devices are set in this process only, and no

@@ -178,6 +178,7 @@ def test_no_intact_checkpoint_stops_every_command_with_one_message_and_deletes_n
     assert not (workdir.parent / "samples.png").exists()
 
 
+@pytest.mark.start_early
 def test_failing_save_stops_the_run_and_keeps_the_previous_checkpoint(trained, workdir):
     scalars = (workdir / "scalars.jsonl").read_text()
     # RLIMIT_FSIZE of 256 KiB: every array file of a checkpoint is larger, logs are not. The

@@ -200,6 +200,7 @@ def test_files_in_memory_with_the_layout_read_off_the_file(llamagen_vq, tmp_path
         llamagen.config_from_state_dict({"x": np.zeros(1)}, "x.pt")
 
 
+@pytest.mark.start_early
 def test_cli_both_ways(llamagen_vq, tmp_path):
     """--from_llamagen writes a stage-1 workdir (step = the file's steps) holding exactly the
     converted parameters; --to_llamagen gives back every tensor bit for bit, in a file their

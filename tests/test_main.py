@@ -41,6 +41,7 @@ def make_folder(root: pathlib.Path) -> pathlib.Path:
     return root
 
 
+@pytest.mark.start_early
 def test_main_on_tfds_mock_imagenet(tmp_path):
     import tensorflow_datasets as tfds
     from conftest import load_config, shrink

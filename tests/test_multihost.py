@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import orbax.checkpoint as ocp
+import pytest
 
 from conftest import ROOT
 from test_main import TINY, make_folder
@@ -25,6 +26,7 @@ def free_slurm_port() -> int:
     raise RuntimeError("no free port")
 
 
+@pytest.mark.start_early
 def test_two_processes_train_checkpoint_and_resume(tmp_path):
     data = make_folder(tmp_path / "images")
     workdir = tmp_path / "run"

@@ -52,6 +52,7 @@ def final_params(workdir: pathlib.Path, step: int):
         return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
 
 
+@pytest.mark.start_early
 def test_killed_preempted_and_resumed_run_is_bit_identical_to_a_straight_run(tmp_path):
     data = make_folder(tmp_path / "images")
     straight, broken = tmp_path / "straight", tmp_path / "broken"
