@@ -1,5 +1,6 @@
 """Default config fields for every recipe in configs/ (stage 1: tokenizer_config, stage 2:
-transformer_config; recipes override what differs) and the checks both stages share.
+transformer_config or maskgit_config; recipes override what differs) and the checks the
+stages share.
 
 Every field is read by some code; comments give units and meaning.
 """
@@ -239,6 +240,68 @@ def transformer_config() -> ml_collections.ConfigDict:
     # Samples written to workdir/samples.png at the end (a row per class; num_per_row=0: none).
     c.sample = ml_collections.ConfigDict(dict(
         num_per_row=8, max_rows=8, top_k=600, top_p=0.92, temperature=1.0, guidance_scale=1.0))
+
+    # Logging and checkpoints (in steps).
+    c.log_every_steps = 100
+    c.checkpoint_every_steps = 5_000
+    c.max_checkpoints_to_keep = 3
+    # NaN/Inf steps are skipped; this many in a row stop the run (see tokenizer_config).
+    c.max_consecutive_nonfinite = 20
+    return c
+
+
+def maskgit_config() -> ml_collections.ConfigDict:
+    """Stage 2, masked-token generation: a bidirectional transformer over a frozen tokenizer's
+    codes, trained to predict masked codes (Chang et al. 2022, "MaskGIT", sec. 3.1-3.2);
+    class-conditional ImageNet by default. ``python -m vqgan_jax.main`` runs
+    :mod:`vqgan_jax.trainers.maskgit` for it."""
+    c = ml_collections.ConfigDict()
+    c.stage = "maskgit"                 # which trainer main runs
+    c.seed = 0                          # parameter init, data order, dropout, masks, class drop
+
+    # The frozen stage-1 tokenizer (as transformer_config): a stage-1 workdir.
+    c.tokenizer_workdir = ""
+
+    # Data: images are cropped as in stage 1, then encoded to codes on the fly.
+    c.dataset = "imagenet2012"          # tfds name | "folder:/path" | "demo" (bundled photos)
+    c.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir (None: default)
+    c.train_split = "train"
+    c.image_size = 256                  # crop side in pixels; code grid = image_size / f
+    c.crop_mode = "random_resized"      # random_resized | random (see config_base.tokenizer_config)
+    c.min_crop_scale = 0.5              # random_resized: crop side / short side in [s, 1]
+    c.batch_size = 256                  # global batch (all processes and devices together)
+    c.num_train_steps = 1_500_000
+
+    # Conditioning: the one token before the codes (models.maskgit.MaskGIT's token layout).
+    c.conditioning = "class"            # class | unconditional (no image conditioning here)
+    c.num_classes = 1000                # class: class ids in [0, num_classes); plus a null class
+    c.class_drop_prob = 0.1             # class: chance a label becomes the null class (CFG)
+    # Label smoothing of the masked-code cross-entropy, in [0, 1) (MaskGIT: 0.1).
+    c.label_smoothing = 0.0
+
+    # MaskGIT (models.maskgit.MaskGIT fields; vocab_size, seq_len and num_classes come from
+    # the tokenizer, config.image_size and config.num_classes).
+    c.model = ml_collections.ConfigDict(dict(n_layer=24, n_head=16, n_embd=768, dropout=0.1))
+    c.model.remat = False               # rematerialize each block in the backward pass
+    c.dtype = "float32"                 # compute dtype: float32 | bfloat16 (params stay float32)
+
+    # AdamW (MaskGIT: b1 0.9, b2 0.96, weight decay 0.045 on Dense kernels only);
+    # lr = base_learning_rate * batch_size, constant.
+    c.optimizer = ml_collections.ConfigDict(dict(
+        base_learning_rate=1e-4 / 256, b1=0.9, b2=0.96, weight_decay=0.045))
+
+    # Device mesh and logical-axis rules: as transformer_config (same parameter axis names).
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.sharding_rules = TRANSFORMER_RULES
+
+    # Samples written to workdir/samples.png at the end (a row per class; num_per_row=0: none):
+    # MaskGIT's iterative decoding (sec. 3.2): num_steps parallel steps, codes drawn with
+    # top_k (0: all) and temperature, kept by confidence with Gumbel noise scaled by
+    # choice_temperature (annealed to 0), classifier-free guidance_scale (1: none) under
+    # guidance_schedule ("constant" | "linear").
+    c.sample = ml_collections.ConfigDict(dict(
+        num_per_row=8, max_rows=8, num_steps=8, top_k=0, temperature=1.0,
+        choice_temperature=4.5, guidance_scale=1.0, guidance_schedule="constant"))
 
     # Logging and checkpoints (in steps).
     c.log_every_steps = 100

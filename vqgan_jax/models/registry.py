@@ -1,5 +1,5 @@
-"""Config -> models (:func:`build_models` for stage 1, :func:`build_transformer` for stage 2):
-trainers, evaluation, sampling, interop and the public API all build their modules here."""
+"""Config -> models (:func:`build_models` for stage 1, :func:`build_transformer` and
+:func:`build_maskgit` for stage 2): trainers, evaluation, sampling, interop and the public API all build their modules here."""
 
 import dataclasses
 import math
@@ -11,6 +11,7 @@ import ml_collections
 from vqgan_jax.models import quantizers
 from vqgan_jax.models.discriminators import NLayerDiscriminator, StyleGANDiscriminator
 from vqgan_jax.models.gpt import GPT
+from vqgan_jax.models.maskgit import MaskGIT
 from vqgan_jax.models.vit_vqgan import ViTVQModel
 from vqgan_jax.models.vqgan import VQModel
 
@@ -119,3 +120,18 @@ def build_transformer(config: ml_collections.ConfigDict, vq: Tokenizer,
     gpt = GPT(vocab_size=vq.n_embed, n_cond_tokens=conditioning.n_cond_tokens,
               dtype=DTYPES[config.dtype], **config.model.to_dict())
     return gpt, conditioning
+
+
+def build_maskgit(config: ml_collections.ConfigDict, vq: Tokenizer) -> MaskGIT:
+    """The :class:`MaskGIT` of a ``stage="maskgit"`` config over ``vq``'s codes.
+
+    ``vocab_size`` is ``vq.n_embed``; ``seq_len`` is ``(config.image_size / f) ** 2`` for the
+    tokenizer's downsampling factor ``f``; ``num_classes`` is ``config.num_classes`` in class
+    mode and 0 when ``config.conditioning == "unconditional"``; the other fields come from
+    ``config.model``, the compute dtype from ``config.dtype``. (The trainer's
+    :func:`vqgan_jax.state.maskgit.validate_config` checks the fields first.)
+    """
+    side = config.image_size // vq.downsample_factor
+    num_classes = config.num_classes if config.conditioning == "class" else 0
+    return MaskGIT(vocab_size=vq.n_embed, seq_len=side * side, num_classes=num_classes,
+                   dtype=DTYPES[config.dtype], **config.model.to_dict())
