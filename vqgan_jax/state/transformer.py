@@ -97,6 +97,15 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
             f"grid) - 1 the GPT reads; use block_size >= {prefix + num_codes - 1}.")
 
 
+def decay_kernels_only(params: Any) -> Any:
+    """The weight-decay mask of minGPT (and MaskGIT): True on the Dense kernels only, not on
+    biases, LayerNorms or embeddings. Boxed parameters (``nn.LogicallyPartitioned``, as
+    ``init_state(boxed=True)`` makes them) are leaves here."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) == "kernel", params,
+        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
 def build_step_config(config: ml_collections.ConfigDict) -> StepConfig:
     """The models, optimizer and conditioning that ``config`` and its tokenizers describe.
 
@@ -109,13 +118,8 @@ def build_step_config(config: ml_collections.ConfigDict) -> StepConfig:
     gpt, conditioning = registry.build_transformer(config, vq, cond_vq)
     side = config.image_size // vq.downsample_factor
     o = config.optimizer
-    # minGPT: decay the Dense kernels only (not biases, LayerNorms, embeddings).
-    # (Boxed parameters, as init_state(boxed=True) makes them, are leaves here.)
-    decay_mask = lambda params: jax.tree_util.tree_map_with_path(
-        lambda path, _: getattr(path[-1], "key", None) == "kernel", params,
-        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
     tx = optax.adamw(o.base_learning_rate * config.batch_size, b1=o.b1, b2=o.b2,
-                     weight_decay=o.weight_decay, mask=decay_mask)
+                     weight_decay=o.weight_decay, mask=decay_kernels_only)
     return StepConfig(gpt=gpt, vq=vq, cond_vq=cond_vq, conditioning=conditioning, tx=tx,
                       grid=(side, side), cond_image_size=config.cond_image_size,
                       class_drop_prob=config.class_drop_prob, pkeep=config.pkeep,
@@ -149,7 +153,7 @@ def load_frozen(config: ml_collections.ConfigDict, sc: StepConfig, mesh) -> tupl
     """
     frozen, shardings = {}, {}
     pairs = [("tokenizer", sc.vq, config.tokenizer_workdir, "config.tokenizer_workdir")]
-    if sc.cond_vq is not None:
+    if getattr(sc, "cond_vq", None) is not None:  # (stage 2's MaskGIT StepConfig has none)
         pairs.append(("cond_tokenizer", sc.cond_vq, config.cond_tokenizer_workdir,
                       "config.cond_tokenizer_workdir"))
     for name, vq, workdir, field in pairs:

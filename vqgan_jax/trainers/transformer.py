@@ -33,6 +33,13 @@ from vqgan_jax.trainers import loop
 
 # ----------------------------------------------------------------------------- the step
 
+def encode_codes(vq: Any, tokenizer_params: Any, images: jax.Array) -> jax.Array:
+    """float32[B, H, W, 3] images in [-1, 1] -> int32[B, h * w] codes of the frozen tokenizer
+    ``vq`` (row-major over its ``h x w = H/f x W/f`` code grid), no gradient."""
+    codes = vq.apply({"params": tokenizer_params}, images, method="encode_to_indices")
+    return jax.lax.stop_gradient(codes.reshape(images.shape[0], -1).astype(jnp.int32))
+
+
 def prefix_and_codes(batch: dict[str, jax.Array], frozen: dict[str, Any], sc: StepConfig,
                      rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     """Encode a batch to ``(prefix: int32[B, P], codes: int32[B, N])`` with the frozen tokenizers.
@@ -42,8 +49,7 @@ def prefix_and_codes(batch: dict[str, jax.Array], frozen: dict[str, Any], sc: St
     """
     x = batch["image"]  # float32[B, H, W, 3] in [-1, 1]
     b = x.shape[0]
-    codes = sc.vq.apply({"params": frozen["tokenizer"]}, x, method="encode_to_indices")
-    codes = codes.reshape(b, -1).astype(jnp.int32)
+    codes = encode_codes(sc.vq, frozen["tokenizer"], x)
     cond = sc.conditioning
     if cond.kind == "unconditional":
         prefix = cond.sos_prefix(b)
