@@ -1,6 +1,7 @@
 """Train a model: ``python -m vqgan_jax.main --config=configs/imagenet_f16.py --workdir=DIR``.
 
-``config.stage`` picks the trainer: ``tokenizer`` (stage 1) or ``transformer`` (stage 2).
+``config.stage`` picks the trainer: ``tokenizer`` (stage 1), ``transformer`` (stage 2, a GPT)
+or ``maskgit`` (stage 2, masked-token generation).
 
 Any config field can be overridden on the command line, e.g. ``--config.num_train_steps=100``
 or ``--config.dataset=folder:/path/to/images``. Re-running with the same --workdir resumes.
@@ -34,7 +35,7 @@ _FORCE_UNLOCK = flags.DEFINE_bool(
     "this host is taken over without it).")
 flags.mark_flags_as_required(["config", "workdir"])
 
-STAGES = ("tokenizer", "transformer")  # modules of vqgan_jax.trainers
+STAGES = ("tokenizer", "transformer", "maskgit")  # modules of vqgan_jax.trainers
 
 
 def main(argv):

@@ -41,6 +41,8 @@ LOCK = "LOCK"                        # in the workdir: {"host", "pid", "started"
 DAMAGED = "damaged_checkpoints"      # in the workdir: step folders a training run set aside
 CHECKSUMS = "checkpoint_checksums"   # in the workdir: <step>.json, SHA-256 of each file of a step
 T = TypeVar("T")
+# config.stage -> its stage number: 1 makes codes, 2 generates them (GPT or MaskGIT).
+STAGE_NUMBERS = {"tokenizer": 1, "transformer": 2, "maskgit": 2}
 _unreadable: set[str] = set()        # step folders this process failed to restore
 _verified: set[str] = set()          # step folders whose checksums this process checked
 
@@ -566,8 +568,8 @@ def read_config(workdir: str, field: str, step: int | None = None,
     with checkpoint ``step``), upgraded by :func:`upgrade_config`.
 
     Args:
-      stage: when given, the ``config.stage`` the workdir must hold ("tokenizer" or
-        "transformer").
+      stage: when given, the ``config.stage`` the workdir must hold (a key of
+        :data:`STAGE_NUMBERS`: "tokenizer", "transformer" or "maskgit").
 
     Raises:
       ValueError: as :func:`latest_step`; naming ``step`` when there is no such checkpoint;
@@ -580,9 +582,12 @@ def read_config(workdir: str, field: str, step: int | None = None,
         (directory / str(step) / "config" / "metadata").read_text()), steps)
     config = ml_collections.ConfigDict(upgrade_config(config))
     if stage is not None and config.stage != stage:
-        number = {"tokenizer": 1, "transformer": 2}[stage]
+        number = STAGE_NUMBERS[stage]
+        other = (f" ({config.stage!r} and {stage!r} are both stage-2 kinds, each trained, loaded "
+                 "and sampled by its own code)"
+                 if STAGE_NUMBERS.get(config.stage) == number == 2 else "")
         raise ValueError(f"{field}={workdir!r} holds a {config.stage!r} run; point it at a "
-                         f"stage-{number} ({stage}) workdir.")
+                         f"stage-{number} ({stage}) workdir{other}.")
     return config
 
 

@@ -1,0 +1,243 @@
+"""Stage 2 by masked-token generation: train a bidirectional transformer to predict masked codes
+of a frozen tokenizer (Chang et al. 2022, "MaskGIT", sec. 3.2 "Masked Visual Token Modeling").
+
+Each step: the batch of augmented crops is encoded to codes by the frozen tokenizer inside the
+jitted step (as the GPT trainer does, :func:`vqgan_jax.trainers.transformer.encode_codes`);
+each example draws a mask ratio from the cosine schedule (:func:`mask_ratio`, MaskGIT eq. 2
+with ``gamma(r) = cos(pi r / 2)``), that many of its codes become ``[MASK]``, and the loss is the
+cross-entropy of the true codes at the masked positions only (MaskGIT eq. 1). Class labels are
+replaced by the null class with ``class_drop_prob`` (classifier-free guidance, Ho & Salimans
+2021). Sampling a trained workdir is :mod:`vqgan_jax.samplers.maskgit`'s.
+"""
+
+import functools
+import math
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from vqgan_jax import workdir as workdir_lib
+from vqgan_jax.data import sources
+from vqgan_jax.state.maskgit import (StepConfig, TrainState, build_step_config, init_state,
+                                     load_frozen, validate_config)
+from vqgan_jax.trainers import loop
+from vqgan_jax.trainers.transformer import encode_codes
+
+
+# ----------------------------------------------------------------------------- masking
+
+def mask_ratio(u: jax.Array) -> jax.Array:
+    """The cosine mask schedule ``gamma(u) = cos(pi/2 * u)`` (MaskGIT eq. 2, sec. 3.2 and 4.3):
+    float[...] ``u`` in ``[0, 1]`` -> the fraction of codes to mask, in ``[0, 1]`` (clipped:
+    float32 ``cos(pi/2)`` is -4.4e-8). ``u -> 0`` masks everything, ``u = 1`` almost nothing."""
+    return jnp.clip(jnp.cos(0.5 * jnp.pi * jnp.asarray(u, jnp.float32)), 0.0, 1.0)
+
+
+def num_masked(u: jax.Array, seq_len: int) -> jax.Array:
+    """int32[B]: codes to mask per example, ``n = max(1, ceil(mask_ratio(u) * N))``, N =
+    ``seq_len`` (at least one, so every example has a target; computed in float32)."""
+    return jnp.maximum(1, jnp.ceil(mask_ratio(u) * seq_len)).astype(jnp.int32)
+
+
+def mask_from_noise(u: jax.Array, noise: jax.Array) -> jax.Array:
+    """bool[B, N]: True at the ``num_masked(u, N)`` positions of each row with the smallest
+    ``noise`` (float32[B, N]): exactly that many per row, whatever ties the noise has (ranks
+    by a stable sort).
+
+    Args:
+      u: float32[B] schedule positions in ``[0, 1]``.
+      noise: float32[B, N], e.g. uniform; a random ranking of the positions.
+    """
+    n = num_masked(u, noise.shape[1])
+    ranks = jnp.argsort(jnp.argsort(noise, axis=1, stable=True), axis=1, stable=True)
+    return ranks < n[:, None]
+
+
+def random_mask(rng: jax.Array, batch_size: int, seq_len: int) -> tuple[jax.Array, jax.Array]:
+    """MaskGIT's training mask: ``u ~ U(0, 1]`` per example, ``n = max(1, ceil(cos(pi/2 u) N))``
+    positions chosen uniformly without replacement.
+
+    Returns:
+      ``(mask: bool[B, N], u: float32[B])``.
+    """
+    u_rng, noise_rng = jax.random.split(rng)
+    u = 1.0 - jax.random.uniform(u_rng, (batch_size,))  # U[0, 1) -> U(0, 1]
+    return mask_from_noise(u, jax.random.uniform(noise_rng, (batch_size, seq_len))), u
+
+
+def cond_tokens(labels: jax.Array | None, batch_size: int, sc: StepConfig,
+                rng: jax.Array | None) -> jax.Array:
+    """int32[B]: the class tokens of ``labels`` (int[B] in ``[0, num_classes)``), each replaced
+    by the null token with ``sc.class_drop_prob`` when ``rng`` is given (training); the null
+    token everywhere for an unconditional model (``sc.num_classes == 0``)."""
+    null = jnp.full((batch_size,), sc.model.null_token, jnp.int32)
+    if sc.num_classes == 0:
+        return null
+    tokens = sc.model.class_tokens(labels)
+    if rng is not None and sc.class_drop_prob > 0:
+        tokens = jnp.where(jax.random.bernoulli(rng, sc.class_drop_prob, (batch_size,)), null,
+                           tokens)
+    return tokens
+
+
+# ----------------------------------------------------------------------------- the step
+
+def loss_fn(params: Any, codes: jax.Array, cond: jax.Array, mask: jax.Array, sc: StepConfig,
+            rng: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Cross-entropy of the true codes at the masked positions (MaskGIT eq. 1), in nats.
+
+    Args:
+      params: MaskGIT parameters.
+      codes: int32[B, N] true codes in ``[0, V)``.
+      cond: int32[B] class or null tokens (:func:`cond_tokens`).
+      mask: bool[B, N], True where the input is ``[MASK]`` (at least one per batch).
+      rng: dropout RNG (training), or None (no dropout).
+
+    Returns:
+      ``(loss, {"masked_accuracy": ...})``: float32 scalars; ``loss`` is the sum over the
+      batch's masked positions of ``-sum_v q(v) log p(v)`` divided by their number, with
+      ``q`` the one-hot code smoothed as ``(1 - a) onehot + a / V`` for ``a =
+      sc.label_smoothing`` (``optax.smooth_labels``); ``masked_accuracy`` the fraction of
+      masked positions whose argmax is the true code.
+    """
+    inputs = jnp.where(mask, sc.model.mask_token, codes)
+    logits = sc.model.apply({"params": params}, inputs, cond, train=rng is not None,
+                            rngs=None if rng is None else {"dropout": rng})  # (B, N, V)
+    if sc.label_smoothing > 0:
+        targets = optax.smooth_labels(jax.nn.one_hot(codes, logits.shape[-1]), sc.label_smoothing)
+        ce = optax.softmax_cross_entropy(logits, targets)
+    else:
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, codes)
+    weights = mask.astype(jnp.float32)
+    count = jnp.maximum(jnp.sum(weights), 1.0)
+    loss = jnp.sum(ce * weights) / count
+    accuracy = jnp.sum((jnp.argmax(logits, -1) == codes) * weights) / count
+    return loss, dict(masked_accuracy=accuracy)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: dict[str, Any],
+               sc: StepConfig) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One AdamW step on the masked-code cross-entropy (MaskGIT sec. 3.2).
+
+    Args:
+      state: the TrainState (donated).
+      batch: ``image``: float32[B, H, W, 3] in [-1, 1]; ``label``: int32[B] (read in class
+        mode).
+      frozen: ``{"tokenizer": params}``, never updated.
+      sc: static step configuration.
+
+    The RNG is ``fold_in(key(sc.seed), step)``, split into the class drop, the mask
+    (:func:`random_mask`) and dropout.
+
+    Returns:
+      ``(new_state, metrics)``: float32 scalars ``loss`` (nats per masked code, with label
+      smoothing when on), ``masked_accuracy``, ``mask_ratio`` (masked / all codes),
+      ``grad_norm`` and ``nonfinite`` (1 when the loss or gradient was NaN/Inf and the update
+      was skipped).
+    """
+    rng = jax.random.fold_in(jax.random.key(sc.seed), state.step)
+    drop_rng, mask_rng, dropout_rng = jax.random.split(rng, 3)
+    codes = encode_codes(sc.vq, frozen["tokenizer"], batch["image"])  # (B, N)
+    b, n = codes.shape
+    cond = cond_tokens(batch.get("label"), b, sc, drop_rng)
+    mask, _ = random_mask(mask_rng, b, n)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, codes, cond, mask, sc, dropout_rng)
+    updates, opt_state = sc.tx.update(grads, state.opt_state, state.params)
+    grad_norm = optax.tree.norm(grads)
+    # Non-finite guard (as the GPT's): a NaN/Inf loss or gradient leaves the parameters and
+    # optimizer state as they were; the step still advances.
+    finite = loop.all_finite(loss, grad_norm)
+    updated = state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+    metrics = dict(loss=loss, masked_accuracy=aux["masked_accuracy"],
+                   mask_ratio=jnp.mean(mask.astype(jnp.float32)), grad_norm=grad_norm,
+                   nonfinite=1.0 - finite.astype(jnp.float32))
+    return (new_state.replace(step=state.step + 1),
+            jax.tree.map(lambda m: jnp.asarray(m, jnp.float32), metrics))
+
+
+def jit_train_step(sc: StepConfig, mesh, state_shardings, frozen_shardings):
+    """``train_step`` jitted once with shardings over ``mesh``; the state is donated."""
+    return loop.jit_step(functools.partial(train_step, sc=sc), mesh, state_shardings,
+                         frozen_shardings)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def _sample_grid(params, frozen, sc: StepConfig, config: ml_collections.ConfigDict,
+                 rng: jax.Array) -> np.ndarray | None:
+    """The end-of-training picture for ``samples.png``: uint8[H, W, 3], or None for none.
+
+    INTEGRATION HOOK (samples.png): returns None until :mod:`vqgan_jax.samplers.maskgit` is
+    wired in. It should draw ``config.sample.num_per_row`` images per row, a row per class
+    (up to ``config.sample.max_rows``; one null-class row when unconditional), with
+    ``config.sample``'s ``num_steps``, ``top_k``, ``temperature``, ``choice_temperature``,
+    ``guidance_scale`` and ``guidance_schedule``, decode them with ``sc.vq`` and
+    ``frozen["tokenizer"]``, and return
+    ``autoregressive.image_grid(np.asarray(metrics.to_uint8(images)), rows)``, as
+    :func:`vqgan_jax.trainers.transformer._sample_grid` does. ``finish`` below already writes
+    a non-None result to TensorBoard and ``samples.png``.
+    """
+    del params, frozen, sc, config, rng
+    return None
+
+
+# ----------------------------------------------------------------------------- the job
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Train a MaskGIT per ``config`` in ``workdir`` through :func:`loop.run_job` (resume,
+    preemption, non-finite steps, checkpoints, TensorBoard and ``scalars.jsonl`` as described
+    there). At the end it writes ``metrics.json`` (the last logged train metrics and ``step``)
+    and, once the sampler is wired in (:func:`_sample_grid`), ``samples.png``.
+
+    Returns:
+      The last logged train metrics: ``loss`` (nats per masked code), ``masked_accuracy``,
+      ``mask_ratio``, ``grad_norm``, ``codes_per_s``, ``img_per_s``, ``nonfinite_steps``,
+      ``step``; or ``{"preempted_at_step": step}``.
+
+    Raises:
+      ValueError: for a config field or dataset that cannot work, before anything compiles.
+      FloatingPointError: after ``config.max_consecutive_nonfinite`` non-finite steps in a row.
+    """
+    config = ml_collections.ConfigDict(config.to_dict())
+    if config.tokenizer_workdir:  # saved absolute, so samplers find it from anywhere
+        config.tokenizer_workdir = workdir_lib.absolute(config.tokenizer_workdir)
+    validate_config(config, jax.device_count())
+    train_source = sources.get_source(config.dataset, config.train_split, data_dir=config.data_dir)
+    if config.conditioning == "class" and train_source.num_classes > config.num_classes:
+        raise ValueError(f"config.num_classes={config.num_classes} but {config.dataset!r} has "
+                         f"{train_source.num_classes} classes; set config.num_classes to at "
+                         "least that.")
+    sc = build_step_config(config)
+    codes_per_step = config.batch_size * math.prod(sc.grid)
+
+    def make_job(mesh, rules, workdir):
+        params = jax.eval_shape(functools.partial(init_state, sc=sc), jax.random.key(0)).params
+        logging.info("MaskGIT with %.2fM parameters; %s conditioning, %dx%d codes of %d",
+                     sum(x.size for x in jax.tree.leaves(params)) / 1e6, config.conditioning,
+                     *sc.grid, sc.model.vocab_size)
+        frozen, frozen_shardings = load_frozen(config, sc, mesh)
+
+        def finish(state, step, summary, writer):
+            summary["step"] = step
+            if jax.process_index() == 0:
+                workdir_lib.write_json(os.path.join(workdir, "metrics.json"), summary)
+            # INTEGRATION HOOK (samples.png): see _sample_grid.
+            grid = _sample_grid(state.params, frozen, sc, config, jax.random.key(config.seed))
+            if grid is not None:
+                loop.write_picture(writer, workdir, step, "samples", "samples.png", grid)
+            return summary
+
+        return loop.Job(
+            init=functools.partial(init_state, sc=sc), frozen=frozen, finish=finish,
+            jit_step=lambda _, shardings: jit_train_step(sc, mesh, shardings, frozen_shardings),
+            batch_fields=("image", "label"),
+            extra_scalars=lambda n, seconds: dict(codes_per_s=n * codes_per_step / seconds))
+    return loop.run_job(config, workdir, train_source, make_job)
