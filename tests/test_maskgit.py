@@ -20,7 +20,7 @@ from conftest import CONFIG_DIR, load_config
 from vqgan_jax import parallel, workdir as workdir_lib
 from vqgan_jax.models import maskgit as maskgit_lib, registry
 from vqgan_jax.state import maskgit as state_mg
-from vqgan_jax.trainers import loop, maskgit as T
+from vqgan_jax.trainers import maskgit as T
 
 MASKGIT_CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.py")
                          if load_config(p.stem).stage == "maskgit")
@@ -102,22 +102,24 @@ def test_mask_counts_follow_the_cosine_schedule():
     assert np.all((np.abs(r * n - np.round(r * n)) > 1e-3) | (u == 1.0))
     expected = np.maximum(1, np.ceil(r * n)).astype(int)
     assert list(expected) == [1, 3, 6, 12, 15, 16, 16, 16]
-    np.testing.assert_array_equal(T.num_masked(jnp.asarray(u, jnp.float32), n), expected)
+    num_masked = jax.jit(T.num_masked, static_argnums=1)
+    mask_from_noise = jax.jit(T.mask_from_noise)
+    np.testing.assert_array_equal(num_masked(jnp.asarray(u, jnp.float32), n), expected)
     np.testing.assert_allclose(T.mask_ratio(jnp.array([0.0, 1.0])), [1.0, 0.0], atol=EPS)
 
     noise = np.random.default_rng(0).uniform(size=(len(u), n)).astype(np.float32)
-    mask = np.asarray(T.mask_from_noise(jnp.asarray(u, jnp.float32), jnp.asarray(noise)))
+    mask = np.asarray(mask_from_noise(jnp.asarray(u, jnp.float32), jnp.asarray(noise)))
     np.testing.assert_array_equal(mask.sum(1), expected)
     # Exactly the positions of the smallest noise values.
     threshold = np.sort(noise, 1)[np.arange(len(u)), expected - 1]
     np.testing.assert_array_equal(mask, noise <= threshold[:, None])
     # Ties (constant noise) still mask exactly n per row.
-    tied = T.mask_from_noise(jnp.asarray(u, jnp.float32), jnp.zeros((len(u), n)))
+    tied = mask_from_noise(jnp.asarray(u, jnp.float32), jnp.zeros((len(u), n)))
     np.testing.assert_array_equal(np.asarray(tied).sum(1), expected)
 
     mask, u = jax.jit(T.random_mask, static_argnums=(1, 2))(jax.random.key(3), 64, n)
     assert mask.shape == (64, n) and np.all((np.asarray(u) > 0) & (np.asarray(u) <= 1))
-    np.testing.assert_array_equal(np.asarray(mask).sum(1), T.num_masked(u, n))
+    np.testing.assert_array_equal(np.asarray(mask).sum(1), num_masked(u, n))
 
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
@@ -166,9 +168,8 @@ def _loss_and_grad_norm(mesh, sc, params, codes, labels):
         drop_rng, mask_rng = jax.random.split(jax.random.key(5))
         cond = T.cond_tokens(labels, codes.shape[0], sc, drop_rng)
         mask, _ = T.random_mask(mask_rng, *codes.shape)
-        (loss, aux), grads = jax.value_and_grad(T.loss_fn, has_aux=True)(
-            params, codes, cond, mask, sc, None)
-        return dict(loss=loss, grad_norm=optax.tree.norm(grads), masked=jnp.sum(mask),
+        loss, aux = T.loss_fn(params, codes, cond, mask, sc, None)
+        return dict(loss=loss, masked=jnp.sum(mask),
                     dropped=jnp.sum(cond == sc.model.null_token), **aux)
 
     data = parallel.batch_sharding(mesh)
@@ -203,7 +204,6 @@ def test_loss_on_a_sharded_mesh_matches_one_device():
     # rounding grows at most ~(128 + 128) eps relative.
     tol = (128 + 128) * EPS
     np.testing.assert_allclose(many["loss"], one["loss"], rtol=tol)
-    np.testing.assert_allclose(many["grad_norm"], one["grad_norm"], rtol=tol)
     assert many["masked_accuracy"] == one["masked_accuracy"]
     assert abs(one["loss"] - math.log(16)) < 0.5  # a fresh model is near uniform over 16 codes
 

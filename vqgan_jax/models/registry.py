@@ -1,5 +1,6 @@
 """Config -> models (:func:`build_models` for stage 1, :func:`build_transformer` and
-:func:`build_maskgit` for stage 2): trainers, evaluation, sampling, interop and the public API all build their modules here."""
+:func:`build_maskgit` for stage 2): trainers, evaluation, sampling, interop and the public API
+all build their modules here."""
 
 import dataclasses
 import math
