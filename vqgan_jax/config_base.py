@@ -285,8 +285,8 @@ def maskgit_config() -> ml_collections.ConfigDict:
     c.model.remat = False               # rematerialize each block in the backward pass
     c.dtype = "float32"                 # compute dtype: float32 | bfloat16 (params stay float32)
 
-    # AdamW (MaskGIT: b1 0.9, b2 0.96, weight decay 0.045 on Dense kernels only);
-    # lr = base_learning_rate * batch_size, constant.
+    # AdamW as MaskGIT (b1 0.9, b2 0.96, weight decay 0.045), the decay on Dense kernels only
+    # (as the GPT's); lr = base_learning_rate * batch_size, constant (no warmup or decay).
     c.optimizer = ml_collections.ConfigDict(dict(
         base_learning_rate=1e-4 / 256, b1=0.9, b2=0.96, weight_decay=0.045))
 
