@@ -84,8 +84,8 @@ def _with_null_rows(prefix: jax.Array, null_prefix: jax.Array | None, guidance_s
 
 def _scale_of(scale: jax.Array | None, num_codes: int, kind: str, power: float,
               interval: tuple[float, float]):
-    """``n -> `` the guidance scale of code ``n`` (progress ``n / (num_codes - 1)``; 0 for a
-    single code), or ``n -> None`` without guidance. Validates the schedule either way."""
+    """A function of ``n``: the guidance scale of code ``n`` (progress ``n / (num_codes - 1)``;
+    0 for a single code), or None without guidance. Validates the schedule either way."""
     schedule = GuidanceSchedule(kind, 1.0 if scale is None else scale, power, interval)
     if scale is None:
         return lambda n: None
