@@ -1,6 +1,7 @@
 """Jitted sampling of code grids from a :class:`~vqgan_jax.models.gpt.GPT` (Esser et al. 2021,
 sec. 3.2 and 4.1 for the sliding window; Holtzman et al. 2020 for top-p; Ho & Salimans 2021 for
-classifier-free guidance).
+classifier-free guidance, its scale scheduled over the codes by
+:class:`~vqgan_jax.samplers.guidance.GuidanceSchedule`).
 
 Every sampler has fixed shapes and one ``lax.fori_loop`` over code positions, so it compiles
 once per (model, batch size, prefix length, grid) and then runs without the host:
@@ -28,6 +29,7 @@ import numpy as np
 
 from vqgan_jax.models import registry
 from vqgan_jax.models.gpt import GPT
+from vqgan_jax.samplers.guidance import GuidanceSchedule, guide
 from vqgan_jax.state.transformer import StepConfig
 
 
@@ -65,14 +67,6 @@ def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0,
     return jnp.where(keep, logits, -jnp.inf)
 
 
-def _guided(logits: jax.Array, guidance_scale: jax.Array | None) -> jax.Array:
-    """Classifier-free guidance on a doubled batch ``[cond; uncond]``: u + s * (c - u)."""
-    if guidance_scale is None:
-        return logits
-    cond, uncond = jnp.split(logits, 2, axis=0)
-    return uncond + guidance_scale * (cond - uncond)
-
-
 def _draw(rng, n, logits, top_k, top_p, temperature):
     return jax.random.categorical(jax.random.fold_in(rng, n),
                                   filter_logits(logits, top_k, top_p, temperature)).astype(jnp.int32)
@@ -88,6 +82,17 @@ def _with_null_rows(prefix: jax.Array, null_prefix: jax.Array | None, guidance_s
             jnp.asarray(guidance_scale, jnp.float32))
 
 
+def _scale_of(scale: jax.Array | None, num_codes: int, kind: str, power: float,
+              interval: tuple[float, float]):
+    """A function of ``n``: the guidance scale of code ``n`` (progress ``n / (num_codes - 1)``;
+    0 for a single code), or None without guidance. Validates the schedule either way."""
+    schedule = GuidanceSchedule(kind, 1.0 if scale is None else scale, power, interval)
+    if scale is None:
+        return lambda n: None
+    last = max(num_codes - 1, 1)
+    return lambda n: schedule.scale_at(jnp.asarray(n, jnp.float32) / last)
+
+
 def _check(gpt: GPT, prefix: jax.Array, num_codes: int, null_prefix: jax.Array | None):
     p = prefix.shape[1]
     if p < 1:
@@ -100,11 +105,17 @@ def _check(gpt: GPT, prefix: jax.Array, num_codes: int, null_prefix: jax.Array |
                          f"prefix's {prefix.shape} (one null token sequence per sample).")
 
 
-@functools.partial(jax.jit, static_argnames=("gpt", "num_codes", "top_k", "top_p", "use_cache"))
+_GUIDANCE_STATIC = ("guidance_schedule", "guidance_power", "guidance_interval")
+
+
+@functools.partial(jax.jit, static_argnames=("gpt", "num_codes", "top_k", "top_p", "use_cache")
+                   + _GUIDANCE_STATIC)
 def sample(params: Any, prefix: jax.Array, rng: jax.Array, *, gpt: GPT, num_codes: int,
            top_k: int = 0, top_p: float = 1.0,
            temperature: float | jax.Array = 1.0, null_prefix: jax.Array | None = None,
-           guidance_scale: float | jax.Array = 1.0, use_cache: bool = True) -> jax.Array:
+           guidance_scale: float | jax.Array = 1.0, use_cache: bool = True,
+           guidance_schedule: str = "constant", guidance_power: float = 1.0,
+           guidance_interval: tuple[float, float] = (0.0, 1.0)) -> jax.Array:
     """Sample ``num_codes`` codes after ``prefix``, autoregressively, under one jit.
 
     Args:
@@ -119,18 +130,25 @@ def sample(params: Any, prefix: jax.Array, rng: jax.Array, *, gpt: GPT, num_code
       null_prefix: int32[B, P], the unconditional prefix (null class) for classifier-free
         guidance; None disables guidance.
       guidance_scale: s in ``u + s * (c - u)`` (Ho & Salimans 2021); 1 gives the conditional
-        model, 0 the unconditional one. Used only with ``null_prefix``.
+        model, 0 the unconditional one. Used only with ``null_prefix``. Traced.
       use_cache: KV cache (fast) or full recomputation every step (reference).
+      guidance_schedule, guidance_power, guidance_interval: the ``kind``, ``power`` and
+        ``interval`` of the :class:`~vqgan_jax.samplers.guidance.GuidanceSchedule` that sets
+        the scale of code ``n`` at progress ``n / (num_codes - 1)``: ``"constant"`` (default,
+        ``guidance_scale`` for every code), ``"linear"`` (1 at the first code, the scale at the
+        last), ``"power_cosine"``, ``"interval"``. Static (hashable: the interval a tuple).
 
     Returns:
       int32[B, num_codes] in ``[0, gpt.vocab_size)``, row-major over the grid.
 
     Raises:
-      ValueError: if the sequence does not fit ``block_size`` or the prefixes disagree.
+      ValueError: if the sequence does not fit ``block_size``, the prefixes disagree, or the
+        guidance schedule is invalid (naming the field).
     """
     _check(gpt, prefix, num_codes, null_prefix)
     b, p = prefix.shape
     prefix, scale = _with_null_rows(prefix, null_prefix, guidance_scale)
+    scale_of = _scale_of(scale, num_codes, guidance_schedule, guidance_power, guidance_interval)
     draw = functools.partial(_draw, rng, top_k=top_k, top_p=top_p, temperature=temperature)
     codes = jnp.zeros((b, num_codes), jnp.int32)
 
@@ -139,13 +157,13 @@ def sample(params: Any, prefix: jax.Array, rng: jax.Array, *, gpt: GPT, num_code
 
     if use_cache:
         logits, cache = gpt.apply({"params": params}, prefix, gpt.init_cache(prefix.shape[0]), 0)
-        codes = codes.at[:, 0].set(draw(0, logits=_guided(logits[:, -1], scale)))
+        codes = codes.at[:, 0].set(draw(0, logits=guide(logits[:, -1], scale_of(0))))
 
         def step(n, carry):  # feed code n-1 at position p+n-2, draw code n
             codes, cache = carry
             token = twice(jax.lax.dynamic_slice_in_dim(codes, n - 1, 1, axis=1))
             logits, cache = gpt.apply({"params": params}, token, cache, p + n - 1)
-            code = draw(n, logits=_guided(logits[:, 0], scale))
+            code = draw(n, logits=guide(logits[:, 0], scale_of(n)))
             return codes.at[:, n].set(code), cache
 
         codes, _ = jax.lax.fori_loop(1, num_codes, step, (codes, cache))
@@ -155,7 +173,7 @@ def sample(params: Any, prefix: jax.Array, rng: jax.Array, *, gpt: GPT, num_code
         tokens = jnp.concatenate([prefix, twice(codes)[:, :-1]], axis=1)
         logits, _ = gpt.apply({"params": params}, tokens)
         last = jax.lax.dynamic_slice_in_dim(logits, p + n - 1, 1, axis=1)[:, 0]
-        return codes.at[:, n].set(draw(n, logits=_guided(last, scale)))
+        return codes.at[:, n].set(draw(n, logits=guide(last, scale_of(n))))
 
     return jax.lax.fori_loop(0, num_codes, step, codes)
 
@@ -165,12 +183,15 @@ def window_start(i: jax.Array, size: int, window: int) -> jax.Array:
     return jnp.clip(i - window // 2, 0, size - window)
 
 
-@functools.partial(jax.jit, static_argnames=("gpt", "grid", "height", "width", "top_k", "top_p"))
+@functools.partial(jax.jit, static_argnames=("gpt", "grid", "height", "width", "top_k", "top_p")
+                   + _GUIDANCE_STATIC)
 def sample_sliding_window(params: Any, prefix: jax.Array, rng: jax.Array, *, gpt: GPT,
                           grid: tuple[int, int], height: int, width: int, top_k: int = 0,
                           top_p: float = 1.0, temperature: float | jax.Array = 1.0,
                           null_prefix: jax.Array | None = None,
-                          guidance_scale: float | jax.Array = 1.0) -> jax.Array:
+                          guidance_scale: float | jax.Array = 1.0,
+                          guidance_schedule: str = "constant", guidance_power: float = 1.0,
+                          guidance_interval: tuple[float, float] = (0.0, 1.0)) -> jax.Array:
     """Sample a ``height x width`` code grid from a model trained on ``grid`` (Esser et al. 2021,
     sec. 4.1, fig. 3; taming's ``sample_conditional`` sliding window).
 
@@ -182,8 +203,10 @@ def sample_sliding_window(params: Any, prefix: jax.Array, rng: jax.Array, *, gpt
     :func:`sample` with ``use_cache=False``.
 
     Args:
-      params, prefix, rng, gpt, top_k, top_p, temperature, null_prefix, guidance_scale: as in
-        :func:`sample`; the prefix must not depend on the position (start or class token).
+      params, prefix, rng, gpt, top_k, top_p, temperature, null_prefix, guidance_scale,
+      guidance_schedule, guidance_power, guidance_interval: as in :func:`sample` (the progress
+        of code ``n`` in raster order is ``n / (height * width - 1)``); the prefix must not
+        depend on the position (start or class token).
       grid: (gh, gw), the training code grid; ``P + gh * gw - 1 <= gpt.block_size``.
       height, width: the output grid in codes, ``>= gh`` and ``>= gw``.
 
@@ -200,6 +223,8 @@ def sample_sliding_window(params: Any, prefix: jax.Array, rng: jax.Array, *, gpt
     _check(gpt, prefix, gh * gw, null_prefix)
     b, p = prefix.shape
     prefix, scale = _with_null_rows(prefix, null_prefix, guidance_scale)
+    scale_of = _scale_of(scale, height * width, guidance_schedule, guidance_power,
+                         guidance_interval)
     draw = functools.partial(_draw, rng, top_k=top_k, top_p=top_p, temperature=temperature)
 
     def step(n, codes):
@@ -212,7 +237,7 @@ def sample_sliding_window(params: Any, prefix: jax.Array, rng: jax.Array, *, gpt
         logits, _ = gpt.apply({"params": params}, tokens)
         local = (i - top) * gw + (j - left)
         last = jax.lax.dynamic_slice_in_dim(logits, p + local - 1, 1, axis=1)[:, 0]
-        code = draw(n, logits=_guided(last, scale))
+        code = draw(n, logits=guide(last, scale_of(n)))
         return jax.lax.dynamic_update_slice(codes, code[:, None, None], (0, i, j))
 
     return jax.lax.fori_loop(0, height * width, step, jnp.zeros((b, height, width), jnp.int32))
@@ -234,7 +259,9 @@ def image_grid(images: np.ndarray, rows: int, gap: int = 2) -> np.ndarray:
 def draw_images(params: Any, frozen: dict[str, Any], sc: StepConfig, prefix: jax.Array,
                 rng: jax.Array, *, height: int, width: int, top_k: int = 0, top_p: float = 1.0,
                 temperature: float | jax.Array = 1.0,
-                guidance_scale: float | jax.Array | None = None) -> jax.Array:
+                guidance_scale: float | jax.Array | None = None,
+                guidance_schedule: str = "constant", guidance_power: float = 1.0,
+                guidance_interval: tuple[float, float] = (0.0, 1.0)) -> jax.Array:
     """Sample code grids after ``prefix`` and decode them with the frozen tokenizer (traceable:
     the body that :func:`sample_images` and :class:`vqgan_jax.api.Generator` jit).
 
@@ -242,6 +269,7 @@ def draw_images(params: Any, frozen: dict[str, Any], sc: StepConfig, prefix: jax
       height, width: the code grid, at least the training grid ``sc.grid``; larger grids use
         the sliding window (:func:`sample_sliding_window`).
       guidance_scale: classifier-free guidance scale (class mode); None: no guidance.
+      guidance_schedule, guidance_power, guidance_interval: as :func:`sample` (static).
       The rest: as :func:`sample_images`.
 
     Returns:
@@ -251,7 +279,9 @@ def draw_images(params: Any, frozen: dict[str, Any], sc: StepConfig, prefix: jax
     b = prefix.shape[0]
     null = None if guidance_scale is None else sc.conditioning.null_prefix(b)
     kw = dict(gpt=sc.gpt, top_k=top_k, top_p=top_p, temperature=temperature, null_prefix=null,
-              guidance_scale=1.0 if guidance_scale is None else guidance_scale)
+              guidance_scale=1.0 if guidance_scale is None else guidance_scale,
+              guidance_schedule=guidance_schedule, guidance_power=guidance_power,
+              guidance_interval=guidance_interval)
     if (height, width) == (gh, gw):
         codes = sample(params, prefix, rng, num_codes=gh * gw, **kw).reshape(b, gh, gw)
     else:
@@ -261,13 +291,17 @@ def draw_images(params: Any, frozen: dict[str, Any], sc: StepConfig, prefix: jax
     return jnp.clip(x.astype(jnp.float32), -1.0, 1.0)
 
 
-def check_sampling_args(sc: StepConfig, height: int, width: int, guidance_scale: float) -> None:
+def check_sampling_args(sc: StepConfig, height: int, width: int, guidance_scale: float,
+                        guidance_schedule: str = "constant", guidance_power: float = 1.0,
+                        guidance_interval: tuple[float, float] = (0.0, 1.0)) -> None:
     """Raise before any compile for a grid or guidance the model cannot sample.
 
     Raises:
-      ValueError: for a grid smaller than the training grid, guidance outside class mode, or a
-        sliding window in image mode (the condition would have to slide too).
+      ValueError: for a grid smaller than the training grid, guidance outside class mode, a
+        sliding window in image mode (the condition would have to slide too), or an invalid
+        guidance schedule (naming its field).
     """
+    GuidanceSchedule(guidance_schedule, guidance_scale, guidance_power, guidance_interval)
     gh, gw = sc.grid
     if height < gh or width < gw:
         raise ValueError(f"height x width = {height}x{width} codes is smaller than the training "
@@ -280,13 +314,16 @@ def check_sampling_args(sc: StepConfig, height: int, width: int, guidance_scale:
                          "supports unconditional and class-conditional models only.")
 
 
-_draw_images = jax.jit(draw_images, static_argnames=("sc", "height", "width", "top_k", "top_p"))
+_draw_images = jax.jit(draw_images, static_argnames=("sc", "height", "width", "top_k", "top_p")
+                       + _GUIDANCE_STATIC)
 
 
 def sample_images(params: Any, frozen: dict[str, Any], sc: StepConfig, prefix: jax.Array,
                   rng: jax.Array, *, height: int | None = None, width: int | None = None,
                   top_k: int = 0, top_p: float = 1.0, temperature: float = 1.0,
-                  guidance_scale: float = 1.0) -> np.ndarray:
+                  guidance_scale: float = 1.0, guidance_schedule: str = "constant",
+                  guidance_power: float = 1.0,
+                  guidance_interval: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
     """Sample code grids after ``prefix`` and decode them with the frozen tokenizer.
 
     Args:
@@ -297,7 +334,10 @@ def sample_images(params: Any, frozen: dict[str, Any], sc: StepConfig, prefix: j
       height, width: the code grid (default: the training grid). Larger grids use the sliding
         window (:func:`sample_sliding_window`); smaller ones raise.
       top_k, top_p, temperature: see :func:`filter_logits`.
-      guidance_scale: classifier-free guidance (class mode only); 1 disables it.
+      guidance_scale: classifier-free guidance (class mode only); 1 disables it (under every
+        schedule).
+      guidance_schedule, guidance_power, guidance_interval: the scale's schedule over the
+        codes, as :func:`sample`.
 
     Returns:
       float32[B, height * f, width * f, 3] in [-1, 1].
@@ -306,10 +346,13 @@ def sample_images(params: Any, frozen: dict[str, Any], sc: StepConfig, prefix: j
       ValueError: as :func:`check_sampling_args`.
     """
     height, width = height or sc.grid[0], width or sc.grid[1]
-    check_sampling_args(sc, height, width, guidance_scale)
+    check_sampling_args(sc, height, width, guidance_scale, guidance_schedule, guidance_power,
+                        guidance_interval)
     return np.asarray(_draw_images(
         params, frozen, sc, prefix, rng, height=height, width=width, top_k=top_k, top_p=top_p,
-        temperature=temperature, guidance_scale=None if guidance_scale == 1.0 else guidance_scale))
+        temperature=temperature, guidance_scale=None if guidance_scale == 1.0 else guidance_scale,
+        guidance_schedule=guidance_schedule, guidance_power=float(guidance_power),
+        guidance_interval=tuple(float(v) for v in guidance_interval)))
 
 
 def class_rows(conditioning: registry.Conditioning, class_ids: list[int], num: int) -> jax.Array:
