@@ -289,7 +289,8 @@ def load_lpips_params() -> dict:
         raise ValueError(f"{weights} does not hold VGG16 LPIPS params {sorted(expected)}.")
     params = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
     for conv in params["VGG16_0"].values():
-        conv["kernel_t"] = np.asarray(input_grad_kernel(conv["kernel"]))
+        # input_grad_kernel in numpy: no JAX op (each would compile) when a process starts.
+        conv["kernel_t"] = np.ascontiguousarray(np.flip(conv["kernel"], (0, 1)).swapaxes(2, 3))
     return params
 
 

@@ -22,6 +22,22 @@ from absl import logging
 _SUMMARY_MODULE = "clu.metric_writers.summary_writer"
 
 
+def _import_tensorboardx() -> types.ModuleType:
+    """``tensorboardX``, imported without PyTorch: its writer imports torch when it can, only to
+    accept torch tensors (this writer passes numpy arrays), and importing torch adds seconds
+    to the start of every training job on a machine that has it. A torch already imported is
+    left as it is."""
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        import tensorboardX
+        return tensorboardX
+    sys.modules["torch"] = None  # `import torch` raises ImportError while this is set
+    try:
+        import tensorboardX
+    finally:
+        del sys.modules["torch"]
+    return tensorboardX
+
+
 class TensorboardXSummaryWriter:
     """clu ``MetricWriter`` interface over ``tensorboardX.SummaryWriter``.
 
@@ -29,8 +45,7 @@ class TensorboardXSummaryWriter:
     """
 
     def __init__(self, logdir: str):
-        import tensorboardX
-        self._writer = tensorboardX.SummaryWriter(logdir)
+        self._writer = _import_tensorboardx().SummaryWriter(logdir)
 
     def write_summaries(self, step: int, values: Mapping[str, Any],
                         metadata: Mapping[str, Any] | None = None):
