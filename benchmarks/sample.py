@@ -60,6 +60,8 @@ from vqgan_jax.models.gpt import GPT
 from vqgan_jax.models.maskgit import MaskGIT
 from vqgan_jax.samplers import autoregressive
 from vqgan_jax.samplers import maskgit as maskgit_sampler
+from vqgan_jax.state import maskgit as state_maskgit
+from vqgan_jax.state import transformer as state_transformer
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo_transformer.py",
                                           "A stage-2 config file.")
@@ -194,8 +196,6 @@ def _trained_models(ar_workdir: str, maskgit_workdir: str) -> dict:
     Raises:
       ValueError: the two workdirs' code grids or codebook sizes differ.
     """
-    from vqgan_jax.state import maskgit as state_maskgit  # pylint: disable=import-outside-toplevel
-    from vqgan_jax.state import transformer as state_transformer  # pylint: disable=import-outside-toplevel
     ar_params, _, ar_sc, _ = state_transformer.load_for_sampling(ar_workdir, field="--ar_workdir")
     m_params, frozen, m_sc, m_config = state_maskgit.load_for_sampling(
         maskgit_workdir, field="--maskgit_workdir")
