@@ -153,6 +153,10 @@ def test_train_resume_and_sample_cli(gpt_run, tmp_path):
     assert "Resumed from" in logs.text and "from step 2 to 3" in logs.text
     assert json.loads((workdir / "metrics.json").read_text())["step"] == 3
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1", "2", "3"]
+    # Started again when finished: nothing to train, and metrics.json keeps its figures.
+    finished = json.loads((workdir / "metrics.json").read_text())
+    assert T.train_and_evaluate(config, str(workdir)) == finished
+    assert json.loads((workdir / "metrics.json").read_text()) == finished
 
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
     out = tmp_path / "large.png"

@@ -3,6 +3,7 @@ checkpoints, writers and the training loop."""
 
 import dataclasses
 import functools
+import json
 import os
 import signal
 import threading
@@ -326,6 +327,8 @@ def run_job(config: Any, workdir: str, train_source: Any,
             checkpoints.save(state, step, force=True)
         preemption.close()  # the final evaluation runs with the usual SIGTERM handling
         progress.close()
+        if not summary:  # a finished run started again: its last log, not an empty summary
+            summary = last_logged_train_metrics(workdir)
         return job.finish(state, step, summary, writer)
     finally:  # Whatever happened, let the checkpoint in flight finish writing.
         preemption.close()
@@ -333,6 +336,19 @@ def run_job(config: Any, workdir: str, train_source: Any,
         manager.wait_until_finished()
         manager.close()
         writer.flush()
+
+
+def last_logged_train_metrics(workdir: str) -> dict[str, float]:
+    """The newest ``train/*`` row of ``workdir/scalars.jsonl`` without the prefix (and without
+    ``step``); ``{}`` when there is none (no file: processes other than 0, or nothing logged)."""
+    try:
+        with open(os.path.join(workdir, "scalars.jsonl")) as f:
+            rows = [json.loads(line) for line in f if '"train/' in line]
+    except (OSError, ValueError):
+        return {}
+    if not rows:
+        return {}
+    return {k.removeprefix("train/"): v for k, v in rows[-1].items() if k.startswith("train/")}
 
 
 FAULT_ENV = "VQGAN_JAX_FAULT"
