@@ -125,17 +125,10 @@ def tokenizer_workdir(tmp_path_factory):
     """A stage-1 workdir holding a tiny f2 tokenizer (16 codes; 4x4 codes an 8x8 image), and a
     folder of small images in two classes next to it.
 
-    The checkpoint has the trainer's items (``state``, ``config``) and keys; of the state only
-    ``step`` and ``g_params`` are written, the part stage 2 reads. The parameters are random
-    normal values of the right shapes: compiling the tokenizer's init (or a training step)
-    costs tens of seconds of CPU, and tests/test_main.py trains the tokenizer end to end.
+    Written by :func:`write_random_tokenizer` (random weights; tests/test_main.py trains the
+    tokenizer end to end).
     """
-    import flax.linen as nn
-    import jax.numpy as jnp
     from PIL import Image
-    from vqgan_jax import workdir as workdir_lib
-    from vqgan_jax.models import registry
-    from vqgan_jax.trainers import tokenizer as stage1
 
     def build(root):
         rng = np.random.default_rng(0)
@@ -148,14 +141,29 @@ def tokenizer_workdir(tmp_path_factory):
         config.update(dataset=f"folder:{root / 'images'}", image_size=8)
         config.model.update(ch=8, ch_mult=(1, 2), attn_resolutions=(), z_channels=8,
                             embed_dim=4, n_embed=16, norm_groups=8)
-        stage1.validate_config(config, num_devices=1)
-        vq = registry.build_models(config)[0]
-        abstract = jax.eval_shape(lambda: nn.meta.unbox(vq.init(jax.random.key(0),
-                                                                jnp.zeros((1, 8, 8, 3)))["params"]))
-        g_params = jax.tree.map(lambda a: rng.normal(0, 0.3, a.shape).astype(np.float32), abstract)
-        state = dict(step=jnp.ones((), jnp.int32), g_params=g_params)
-        workdir_lib.write_state(str(root / "run"), "tokenizer_workdir", 1, state, config)
+        write_random_tokenizer(root / "run", config, rng)
     return str(built_once(tmp_path_factory, "stage1", build) / "run")
+
+
+def write_random_tokenizer(workdir: pathlib.Path, config: ml_collections.ConfigDict,
+                           rng: np.random.Generator) -> None:
+    """A stage-1 workdir at step 1 whose checkpoint holds ``step`` and ``g_params`` only (what
+    stage 2, evaluation and the API read), as the trainer lays them out, with random normal
+    values (std 0.3) of the right shapes for ``config``: no compile, where training a step
+    would cost tens of seconds."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+    from vqgan_jax import workdir as workdir_lib
+    from vqgan_jax.models import registry
+    from vqgan_jax.trainers import tokenizer as stage1
+
+    stage1.validate_config(config, num_devices=1)
+    vq = registry.build_models(config)[0]
+    x = jnp.zeros((1, config.image_size, config.image_size, 3))
+    abstract = jax.eval_shape(lambda: nn.meta.unbox(vq.init(jax.random.key(0), x)["params"]))
+    g_params = jax.tree.map(lambda a: rng.normal(0, 0.3, a.shape).astype(np.float32), abstract)
+    state = dict(step=jnp.ones((), jnp.int32), g_params=g_params)
+    workdir_lib.write_state(str(workdir), "workdir", 1, state, config)
 
 
 def tiny(config: ml_collections.ConfigDict, tokenizer_workdir: str) -> ml_collections.ConfigDict:

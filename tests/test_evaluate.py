@@ -1,5 +1,5 @@
-"""python -m vqgan_jax.evaluate end to end: a tokenizer trained for one step on a folder of
-images, evaluated by the library function (with rFID from random Inception weights and
+"""python -m vqgan_jax.evaluate end to end: a tokenizer workdir (random weights at step 1) and a
+folder of images, evaluated by the library function (with rFID from random Inception weights and
 reference statistics) and by the command line; the errors for bad input."""
 
 import json
@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, built_once, load_config, random_inception_state_dict, shrink
+from conftest import (ROOT, built_once, load_config, random_inception_state_dict, shrink,
+                      write_random_tokenizer)
 from vqgan_jax import metrics, parallel, scoring, workdir
 from vqgan_jax.data import pipeline, sources
 from vqgan_jax.models import registry
 from vqgan_jax.models.lpips import load_lpips_params
-from vqgan_jax.trainers import tokenizer
 
 KEYS = {"psnr", "ssim", "lpips", "codebook_usage", "perplexity", "num_images", "step",
         "protocol", "notes"}
@@ -26,8 +26,8 @@ KEYS = {"psnr", "ssim", "lpips", "codebook_usage", "perplexity", "num_images", "
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A tokenizer trained one step on 5 generated images (32x32 evaluation, batch 8), built
-    once per session; each worker evaluates its own copy of the workdir."""
+    """A 32x32 tokenizer workdir (random weights, step 1: what is scored does not need training)
+    and 5 generated images, built once per session; each worker evaluates its own copy."""
     def build(shared):
         data = shared / "images"
         rng = np.random.default_rng(0)
@@ -39,10 +39,8 @@ def trained(tmp_path_factory):
                 pixels = np.clip(ramp + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(pixels).save(data / label / f"{i}.png")
         config = shrink(load_config("demo"))
-        config.update(dataset=f"folder:{data}", num_train_steps=1, log_every_steps=1,
-                      checkpoint_every_steps=1, eval_every_steps=100, num_eval_images=2)
-        config.loss.perceptual_weight = 0.0
-        tokenizer.train_and_evaluate(config, str(shared / "run"))  # 8 devices, global batch 8
+        config.update(dataset=f"folder:{data}")
+        write_random_tokenizer(shared / "run", config, rng)
         np.savez(shared / "inception.npz", **random_inception_state_dict())
     shared = built_once(tmp_path_factory, "evaluate", build)
     root = tmp_path_factory.mktemp("evaluate")
