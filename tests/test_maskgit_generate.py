@@ -141,11 +141,11 @@ def test_fid_and_inception_score_of_a_maskgit_workdir(maskgit_run, loaded, incep
                                                       monkeypatch, tmp_path):
     """scoring.evaluate_samples on the MaskGIT workdir: the images it scores are the samples
     drawn here by the MaskGIT sampler with the same settings (classes j % 2, batch i with key
-    fold_in(key(3), i)); FID is the Frechet distance of their Inception statistics to the
-    reference, IS in [1, 1008]; the protocol records the MaskGIT settings. `python -m
-    vqgan_jax.evaluate` passes its MaskGIT flags through to it (checked by the refusal of a
-    GPT-only flag). The Inception path itself is the GPT's test's (tests/test_transformer.py):
-    the same sizes (3 images of 8x8), so its programs compile once per session."""
+    fold_in(key(3), i)), and FID and IS are the metrics of their features; the protocol records
+    the MaskGIT settings. `python -m vqgan_jax.evaluate` passes its MaskGIT flags through to it
+    (checked by the refusal of a GPT-only flag). The Inception network is replaced by 8 pixel
+    values per image (features) and a softmax over 10 (class probabilities): running it on CPU
+    costs a minute, and the GPT's test (tests/test_transformer.py) runs that same path."""
     from vqgan_jax import scoring
 
     _, workdir, _ = maskgit_run
@@ -153,30 +153,35 @@ def test_fid_and_inception_score_of_a_maskgit_workdir(maskgit_run, loaded, incep
     expected = np.clip(sampler.sample_images(
         params, frozen, sc, sampler.class_rows(sc.model, [0, 1, 0], 1),
         jax.random.fold_in(jax.random.key(3), 0), **GUIDED), -1, 1)
-    scored = {}
+    scored = []
 
-    def inception_outputs(batches, *args, **kwargs):  # records what evaluate_samples scores
-        scored["images"] = list(batches)
-        scored["out"] = real(scored["images"], *args, **kwargs)
-        return scored["out"]
+    def features_and_probs(images):
+        flat = np.asarray(images, np.float64).reshape(len(images), -1)
+        return flat[:, :8], np.asarray(jax.nn.softmax(5 * flat[:, 8:18]))
 
-    real = metrics.inception_outputs
+    def inception_outputs(batches, variables, *, mesh, batch_size, with_probs=False):
+        images = np.concatenate(list(batches))
+        scored.append(images)
+        stats = metrics.FeatureStats(dim=8)
+        stats.add_features(features_and_probs(images)[0])
+        return stats, features_and_probs(images)[1] if with_probs else None
+
     monkeypatch.setattr(metrics, "inception_outputs", inception_outputs)
-    # A point-mass reference N(ref_mu, 0): the distance is ||mu - ref_mu||^2 + tr(sigma) in
-    # closed form (tr((sigma 0)^(1/2)) = 0), no second 2048-dimensional eigendecomposition.
-    ref_mu = np.random.default_rng(0).normal(size=2048)
+    ref_mu = np.random.default_rng(0).normal(size=8)
     ref = str(tmp_path / "ref.npz")
-    metrics.save_stats(ref, ref_mu, np.zeros((2048, 2048)), 3, {})
+    metrics.save_stats(ref, ref_mu, np.zeros((8, 8)), 3, {})
     report = scoring.evaluate_samples(str(workdir), num_samples=3, batch_size=3,
                                       inception_weights=inception_weights, ref_stats=ref, seed=3,
                                       **GUIDED)
-    assert len(scored["images"]) == 1
-    np.testing.assert_array_equal(scored["images"][0], expected)
-    mu, sigma = (np.asarray(a, np.float64) for a in (scored["out"][0].mu, scored["out"][0].sigma))
-    # Float64 sums of 2048 terms each, in another order: ~2048 eps64 relative.
-    np.testing.assert_allclose(report["fid"], (mu - ref_mu) @ (mu - ref_mu) + np.trace(sigma),
-                               rtol=2048 * np.finfo(np.float64).eps)
-    assert 1.0 < report["inception_score"] <= 1008.0  # one split of 3 distinct samples
+    assert len(scored) == 1
+    np.testing.assert_array_equal(scored[0], expected)
+    features, probs = features_and_probs(expected)
+    # Float64 moments of 3 samples x 8 features summed in another order: ~(3 + 8) eps64.
+    np.testing.assert_allclose(report["fid"], metrics.frechet_distance(
+        features.mean(0), np.cov(features.T), ref_mu, np.zeros((8, 8))),
+        rtol=64 * np.finfo(np.float64).eps)
+    assert report["inception_score"] == metrics.inception_score_from_probs(probs, 1)[0]
+    assert 1.0 < report["inception_score"] <= 10.0  # one split of 3 distinct samples, 10 classes
     assert report["num_samples"] == 3 and report["step"] == 2
     protocol = report["protocol"]
     assert protocol["stage"] == "maskgit" and protocol["num_steps"] == 4
