@@ -194,3 +194,16 @@ def test_fid_and_inception_score_of_a_maskgit_workdir(maskgit_run, loaded, incep
          f"--inception_weights={inception_weights}", "--num_steps=4", "--top_p=0.9"],
         capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "--top_p=0.9 applies to autoregressive" in result.stderr
+
+
+def test_trainer_refuses_a_sample_config_it_cannot_draw(maskgit_run, loaded):
+    """train_and_evaluate calls check_sample_config before training: samples.png comes last."""
+    import ml_collections
+    from vqgan_jax.trainers import maskgit as T
+
+    config = ml_collections.ConfigDict(maskgit_run[0].to_dict())
+    config.sample.num_steps = 17
+    with pytest.raises(ValueError, match=r"config.sample: num_steps=17: give an int in \[1, 16\]"):
+        T.check_sample_config(config, loaded[2])
+    config.sample.num_per_row = 0  # no samples.png: nothing to refuse
+    T.check_sample_config(config, loaded[2])
