@@ -88,6 +88,15 @@ def random_inception_state_dict(seed: int = 0) -> dict[str, np.ndarray]:
     return {k: v.astype(np.float32) for k, v in out.items()}
 
 
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory) -> str:
+    """An .npz of :func:`random_inception_state_dict` (written once a session: ~4 s), shared
+    read-only by the sample FID/IS tests."""
+    def build(root):
+        np.savez(root / "inception.npz", **random_inception_state_dict())
+    return str(built_once(tmp_path_factory, "inception_weights", build) / "inception.npz")
+
+
 def pytest_collection_modifyitems(items):
     """Tests marked ``start_early`` (a minute or more each) run first: pytest-xdist deals the
     first tests to its workers in turn, so the long ones run side by side from the start and
@@ -188,4 +197,42 @@ def gpt_run(tokenizer_workdir, tmp_path_factory):
                   class_drop_prob=0.5)
     workdir = built_once(tmp_path_factory, "gpt_run",
                          lambda root: T.train_and_evaluate(config, str(root / "gpt"))) / "gpt"
+    return config, workdir, json.loads((workdir / "metrics.json").read_text())
+
+
+def tiny_maskgit(config: ml_collections.ConfigDict, tokenizer_workdir: str
+                 ) -> ml_collections.ConfigDict:
+    """A MaskGIT ``config`` over the tiny tokenizer: 8x8 images -> 4x4 codes of 16, two classes,
+    one block of width 32."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.update(tokenizer_workdir=tokenizer_workdir, image_size=8, batch_size=8,
+                  dataset=f"folder:{os.path.dirname(tokenizer_workdir)}/images", num_classes=2,
+                  dtype="float32")
+    config.model.update(n_layer=1, n_head=2, n_embd=32, dropout=0.0)
+    config.sample.update(num_per_row=2, max_rows=2)
+    return config
+
+
+# maskgit_run's config.sample: guided and scheduled, so samples.png tests the trainer's reading
+# of every setting; the sampling tests use the same (their programs compile once).
+MASKGIT_SAMPLE = dict(num_steps=4, top_k=4, temperature=1.0, choice_temperature=1.0,
+                      guidance_scale=2.0, guidance_schedule="interval",
+                      guidance_interval=(0.25, 0.75))
+
+
+@pytest.fixture(scope="session")
+def maskgit_run(tokenizer_workdir, tmp_path_factory):
+    """A tiny class-conditional MaskGIT (configs/demo_maskgit.py at tiny_maskgit's size) trained
+    2 steps by the trainer (in-process: 8 devices, batch 8), checkpoints at steps 1 and 2,
+    samples.png written with :data:`MASKGIT_SAMPLE`: ``(config, workdir, final metrics)``. Shared, so read-only: the resume
+    test (tests/test_maskgit.py) continues a copy; the sampling, API, CLI and FID/IS tests read
+    it (evaluate_samples adds its eval.json)."""
+    from vqgan_jax.trainers import maskgit as T
+
+    config = tiny_maskgit(load_config("demo_maskgit"), tokenizer_workdir)
+    config.update(num_train_steps=2, log_every_steps=1, checkpoint_every_steps=1,
+                  class_drop_prob=0.5)
+    config.sample.update(MASKGIT_SAMPLE)
+    workdir = built_once(tmp_path_factory, "maskgit_run",
+                         lambda root: T.train_and_evaluate(config, str(root / "maskgit"))) / "maskgit"
     return config, workdir, json.loads((workdir / "metrics.json").read_text())

@@ -166,6 +166,10 @@ def test_sample_beyond_the_training_grid_with_guidance(gen):
     (dict(class_ids=[0], height=9), r"height=9 pixels; use a multiple of .* factor 2 of at "
                                      r"least the training size 8"),
     (dict(class_ids=[0], width=6), r"width=6 pixels"),
+    (dict(class_ids=[0], num_steps=8), r"num_steps=8 applies to MaskGIT generators"),
+    (dict(class_ids=[0], choice_temperature=1.0), r"choice_temperature=1.0 applies to MaskGIT"),
+    (dict(class_ids=[0], guidance_scale=2.0, guidance_schedule="linear", guidance_power=-1.0),
+     r"power=-1.0"),
 ])
 def test_sample_refuses_bad_arguments_before_compiling(gen, monkeypatch, kwargs, message):
     monkeypatch.setattr(gen, "_program", _no_program)

@@ -7,6 +7,7 @@ import contextlib
 import functools
 import json
 import math
+import shutil
 import types
 
 import jax
@@ -15,8 +16,9 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from PIL import Image
 
-from conftest import CONFIG_DIR, load_config
+from conftest import CONFIG_DIR, load_config, tiny_maskgit
 from vqgan_jax import parallel, workdir as workdir_lib
 from vqgan_jax.models import maskgit as maskgit_lib, registry
 from vqgan_jax.state import maskgit as state_mg
@@ -31,16 +33,7 @@ TOKENIZERS = {"imagenet_maskgit": (1024, 16), "demo_maskgit": (1024, 4)}
 EPS = float(np.finfo(np.float32).eps)
 
 
-def tiny(config: ml_collections.ConfigDict, tokenizer_workdir: str) -> ml_collections.ConfigDict:
-    """``config`` over conftest's tiny tokenizer: 8x8 images -> 4x4 codes of 16, two classes,
-    one block of width 32."""
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.update(tokenizer_workdir=tokenizer_workdir, image_size=8, batch_size=8,
-                  dataset=f"folder:{tokenizer_workdir.rsplit('/', 1)[0]}/images",
-                  num_classes=2, dtype="float32")
-    config.model.update(n_layer=1, n_head=2, n_embd=32, dropout=0.0)
-    config.sample.update(num_per_row=2, max_rows=2)
-    return config
+tiny = tiny_maskgit  # conftest's: 8x8 images -> 4x4 codes of 16, two classes, one block
 
 
 @contextlib.contextmanager
@@ -208,22 +201,25 @@ def test_loss_on_a_sharded_mesh_matches_one_device():
     assert abs(one["loss"] - math.log(16)) < 0.5  # a fresh model is near uniform over 16 codes
 
 
-def test_train_resume_metrics_and_load_for_sampling(tokenizer_workdir, tmp_path):
-    config = tiny(load_config("demo_maskgit"), tokenizer_workdir)
-    config.update(num_train_steps=1, log_every_steps=1, checkpoint_every_steps=1)
+def test_train_resume_metrics_and_load_for_sampling(maskgit_run, tokenizer_workdir, tmp_path):
+    config, trained, metrics = maskgit_run
     workdir = tmp_path / "maskgit"
-    metrics = T.train_and_evaluate(config, str(workdir))
-    assert metrics["step"] == 1 and json.loads((workdir / "metrics.json").read_text()) == metrics
+    shutil.copytree(trained, workdir)  # resumed below: the shared workdir stays at step 2
+    assert metrics["step"] == 2 and json.loads((workdir / "metrics.json").read_text()) == metrics
     assert abs(metrics["loss"] - math.log(16)) < 0.5
     assert 0 <= metrics["masked_accuracy"] <= 1 and 0 < metrics["mask_ratio"] <= 1
     assert metrics["codes_per_s"] > 0 and metrics["nonfinite_steps"] == 0
+    # 2 classes x 2 samples of 8x8 pixels, 2-pixel gaps (its pixels: tests/test_maskgit_generate.py).
+    assert Image.open(workdir / "samples.png").size == (2 * 8 + 2, 2 * 8 + 2)
 
-    config.num_train_steps = 2
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.num_train_steps = 3
+    config.sample.num_per_row = 0  # samples.png was checked above
     with absl_logs() as logs:
         T.train_and_evaluate(config, str(workdir))
-    assert "Resumed from" in logs.text and "from step 1 to 2" in logs.text
-    assert json.loads((workdir / "metrics.json").read_text())["step"] == 2
-    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1", "2"]
+    assert "Resumed from" in logs.text and "from step 2 to 3" in logs.text
+    assert json.loads((workdir / "metrics.json").read_text())["step"] == 3
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1", "2", "3"]
 
     params, frozen, sc, saved = state_mg.load_for_sampling(str(workdir), step=1)
     assert saved.stage == "maskgit" and sc.model.seq_len == 16 and set(frozen) == {"tokenizer"}

@@ -171,17 +171,16 @@ def test_train_resume_and_sample_cli(gpt_run, tmp_path):
     assert Image.open(out).size == (3 * 10 + 2 * 2, 2 * 12 + 2)
 
 
-def test_sample_fid_and_inception_score_of_a_stage2_workdir(gpt_run, tmp_path):
+def test_sample_fid_and_inception_score_of_a_stage2_workdir(gpt_run, inception_weights,
+                                                            tmp_path):
     """scoring.evaluate_samples: FID of the workdir's samples against statistics of the same
     samples drawn independently (same seed scheme, classes j % num_classes) is ~0; IS is in
     [1, 1008]; the protocol records the sampler's settings."""
-    from conftest import random_inception_state_dict
     from vqgan_jax import metrics, scoring
     from vqgan_jax.models import inception
 
     workdir = str(gpt_run[1])  # the trained GPT at step 2 (evaluate_samples adds eval.json)
-    weights = str(tmp_path / "inception.npz")
-    np.savez(weights, **random_inception_state_dict())
+    weights = inception_weights
 
     params, frozen, sc, _ = state2.load_for_sampling(workdir)
     rng, settings = jax.random.key(3), dict(top_k=4, top_p=0.9, temperature=1.0)
@@ -205,6 +204,8 @@ def test_sample_fid_and_inception_score_of_a_stage2_workdir(gpt_run, tmp_path):
     assert json.loads((gpt_run[1] / "eval.json").read_text())["fid"] == report["fid"]
     with pytest.raises(ValueError, match="--top_p"):
         scoring.evaluate_samples(workdir, num_samples=5, inception_weights=weights, top_p=0)
+    with pytest.raises(ValueError, match=r"--num_steps=4 applies to MaskGIT workdirs"):
+        scoring.evaluate_samples(workdir, num_samples=5, inception_weights=weights, num_steps=4)
     result = subprocess.run([sys.executable, "-m", "vqgan_jax.evaluate", f"--workdir={workdir}"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "stage-2 workdir is scored by FID" in result.stderr

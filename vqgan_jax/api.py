@@ -5,7 +5,7 @@ numpy arrays::
     tok = vqgan_jax.load_tokenizer("runs/demo")    # a stage-1 workdir, or a taming .ckpt
     codes = tok.encode(images)       # uint8[B, H, W, 3] (or float32 in [-1, 1]) -> int32[B, H/f, W/f]
     images = tok.decode(codes)       # int[B, h, w] -> uint8[B, h*f, w*f, 3]
-    gen = vqgan_jax.load_generator("runs/demo/transformer")
+    gen = vqgan_jax.load_generator("runs/demo/transformer")   # or a MaskGIT workdir
     images = gen.sample(class_ids=[0, 1], num=4, top_k=100, top_p=0.95, seed=0)  # uint8
 
 Every call checks its arguments first and raises ``ValueError`` naming the argument and the
@@ -31,8 +31,9 @@ from vqgan_jax import metrics, parallel, workdir as workdir_lib
 from vqgan_jax.data import pipeline
 from vqgan_jax.interop import llamagen, taming
 from vqgan_jax.models import registry
-from vqgan_jax.samplers import autoregressive
-from vqgan_jax.state import transformer as stage2
+from vqgan_jax.samplers import autoregressive, maskgit as maskgit_sampler
+from vqgan_jax.samplers.guidance import GuidanceSchedule
+from vqgan_jax.state import maskgit as maskgit_state, transformer as stage2
 
 __all__ = ["Generator", "Tokenizer", "load_generator", "load_tokenizer", "pad_batch"]
 
@@ -189,59 +190,91 @@ class Tokenizer(_OnLocalDevices):
         return c.astype(np.int32)
 
 
-class Generator(_OnLocalDevices):
-    """A stage-2 GPT over a frozen tokenizer's codes, ready to sample images.
+# Stage-2 kinds load_generator takes (config.stage) -> their loader (load_for_sampling).
+GENERATOR_STAGES = {"transformer": stage2.load_for_sampling,
+                    "maskgit": maskgit_state.load_for_sampling}
 
-    Made by :func:`load_generator`. Attributes: ``config`` (its recipe), ``tokenizer`` (:class:`Tokenizer` over the same frozen weights: the
-    generator EMA when that run kept one), ``conditioning`` (``kind``: unconditional / class /
-    image; ``num_classes``), ``image_size`` (the training image side in pixels).
+
+class Generator(_OnLocalDevices):
+    """A stage-2 generator over a frozen tokenizer's codes, ready to sample images: a GPT
+    (``kind="transformer"``, codes drawn one at a time, Esser et al. 2021) or a MaskGIT
+    (``kind="maskgit"``, iterative parallel decoding, Chang et al. 2022).
+
+    Made by :func:`load_generator`. Attributes: ``kind``, ``config`` (its recipe),
+    ``tokenizer`` (:class:`Tokenizer` over the same frozen weights: the generator EMA when that
+    run kept one), ``conditioning`` (``kind``: unconditional / class / image; ``num_classes``;
+    for a MaskGIT only these two fields apply, its tokens are ``MaskGIT.class_tokens``),
+    ``image_size`` (the training image side in pixels).
     """
 
     def __init__(self, path: str, step: int | None = None):
+        # The stage-2 config is read here once to pick the loader (which reads it again with
+        # the checkpoint it restores); the tokenizer's config once by the loader and once here.
         config = workdir_lib.read_config(workdir_lib.absolute(path), "path", step)
-        if config.stage != "transformer":
+        if config.stage not in GENERATOR_STAGES:
             raise ValueError(
                 f"path={path!r} is a stage-1 (tokenizer) workdir; load it with "
-                "vqgan_jax.load_tokenizer. load_generator takes a stage-2 (transformer) workdir, "
-                "e.g. runs/demo/transformer.")
+                "vqgan_jax.load_tokenizer. load_generator takes a stage-2 (transformer or "
+                "maskgit) workdir, e.g. runs/demo/transformer.")
         super().__init__(config)
-        self.params, frozen, self._sc, self.config = stage2.load_for_sampling(
+        self.kind = config.stage
+        self.params, frozen, self._sc, self.config = GENERATOR_STAGES[self.kind](
             path, self.mesh, step, field="path")
         self.tokenizer = Tokenizer(workdir_lib.read_config(
             config.tokenizer_workdir, "config.tokenizer_workdir", stage="tokenizer"),
             frozen["tokenizer"])
         self._frozen = frozen
-        self.conditioning = self._sc.conditioning
+        if self.kind == "maskgit":
+            sc = self._sc
+            self.conditioning = registry.Conditioning(
+                "class" if sc.num_classes else "unconditional", vocab_size=sc.model.vocab_size,
+                num_classes=sc.num_classes)
+        else:
+            self.conditioning = self._sc.conditioning
         self.image_size = config.image_size
         self._programs: dict[tuple, Any] = {}
 
     def sample(self, class_ids: Sequence[int] | None = None, num: int = 1, top_k: int = 0,
                top_p: float = 1.0, temperature: float = 1.0, guidance_scale: float = 1.0,
-               height: int | None = None, width: int | None = None, seed: int = 0
-               ) -> np.ndarray:
-        """Sample images: codes drawn one at a time with a KV cache (a sliding window beyond
-        the training grid), decoded by the tokenizer.
+               height: int | None = None, width: int | None = None, seed: int = 0, *,
+               num_steps: int | None = None, choice_temperature: float | None = None,
+               guidance_schedule: str = "constant", guidance_power: float = 1.0,
+               guidance_interval: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
+        """Sample images, decoded by the tokenizer. A GPT draws codes one at a time with a KV
+        cache (a sliding window beyond the training grid); a MaskGIT fills its training grid in
+        ``num_steps`` parallel steps (:mod:`vqgan_jax.samplers.maskgit`).
 
         Args:
           class_ids: class-conditional models: the classes, ``num`` samples of each, in that
             order; ids in ``[0, conditioning.num_classes)``. Unconditional models: None.
           num: samples per class (unconditional: in all), >= 1.
           top_k: keep the k most likely codes each step; 0 keeps all.
-          top_p: nucleus sampling mass, in (0, 1]; 1 keeps all.
+          top_p: nucleus sampling mass, in (0, 1]; 1 keeps all. GPT only.
           temperature: > 0; divides the logits.
           guidance_scale: classifier-free guidance ``u + s (c - u)`` (class models); 1 is off.
           height, width: output size in pixels, multiples of ``tokenizer.downsample_factor``
-            and at least ``image_size`` (default ``image_size``); beyond it, each code is
-            predicted from the training-size window around it.
+            and at least ``image_size`` (default ``image_size``); beyond it a GPT predicts each
+            code from the training-size window around it. A MaskGIT samples ``image_size`` only.
           seed: the same seed (on the same devices) gives the same images.
+          num_steps: MaskGIT only: decoding steps T in ``[1, codes of the grid]`` (default
+            ``config.sample.num_steps``).
+          choice_temperature: MaskGIT only: the Gumbel noise scale on the confidences, annealed
+            to 0 over the steps; >= 0 (default ``config.sample.choice_temperature``).
+          guidance_schedule: the guidance scale over the codes (GPT) or steps (MaskGIT):
+            "constant" (``guidance_scale`` throughout), "linear" (1 at the start to the scale at
+            the end), "power_cosine" (with ``guidance_power`` > 0), "interval" (the scale for
+            progress in ``guidance_interval`` = (lo, hi), 1 elsewhere); see
+            :class:`vqgan_jax.samplers.guidance.GuidanceSchedule`.
 
         Returns:
           uint8[len(class_ids) * num (or num), height, width, 3], row-major: class by class.
 
         Raises:
-          ValueError: naming the argument, for any value above outside its range, class ids
-            given to an unconditional model (or none to a class model), and image-conditional
-            models (which need condition images).
+          ValueError: naming the argument, before anything compiles, for any value above
+            outside its range, an argument of the other kind of model (``num_steps`` or
+            ``choice_temperature`` given to a GPT; ``top_p`` != 1 or a size other than
+            ``image_size`` to a MaskGIT), class ids given to an unconditional model (or none to
+            a class model), and image-conditional models (which need condition images).
         """
         class_ids = [] if class_ids is None else [int(c) for c in np.ravel(class_ids)]
         if not isinstance(num, (int, np.integer)) or num < 1:
@@ -258,30 +291,91 @@ class Generator(_OnLocalDevices):
             if value % f or value < size:
                 raise ValueError(f"{name}={value} pixels; use a multiple of the downsampling "
                                  f"factor {f} of at least the training size {size}.")
-        autoregressive.check_sampling_args(self._sc, height // f, width // f, guidance_scale)
+        schedule = GuidanceSchedule(guidance_schedule, guidance_scale, guidance_power,
+                                    guidance_interval)  # ValueError naming a bad field
+        guidance = (schedule.kind, float(schedule.power), schedule.interval)  # hashable
+        if self.kind == "maskgit":
+            return self._sample_maskgit(class_ids, num, int(top_k), top_p, temperature,
+                                        guidance_scale, height, width, seed, num_steps,
+                                        choice_temperature, guidance)
+        for name, value in (("num_steps", num_steps), ("choice_temperature", choice_temperature)):
+            if value is not None:
+                raise ValueError(f"{name}={value!r} applies to MaskGIT generators; this one is "
+                                 "autoregressive (a GPT): leave it out.")
+        autoregressive.check_sampling_args(self._sc, height // f, width // f, guidance_scale,
+                                           *guidance)
         prefix = np.asarray(autoregressive.class_rows(self.conditioning, class_ids, num))
         guided = guidance_scale != 1.0
-        program = self._program(height // f, width // f, int(top_k), float(top_p), guided)
+        program = self._program(height // f, width // f, int(top_k), float(top_p), guided,
+                                guidance)
         return self._run(program, (self.params, self._frozen), prefix, jax.random.key(seed),
                          jnp.float32(temperature), jnp.float32(guidance_scale))
 
-    def _program(self, height: int, width: int, top_k: int, top_p: float, guided: bool):
-        """The jitted sampler for one grid and setting (cached: each compiles once; the batch
-        size is the only other thing that compiles anew)."""
-        key = (height, width, top_k, top_p, guided)
+    def _sample_maskgit(self, class_ids, num, top_k, top_p, temperature, guidance_scale,
+                        height, width, seed, num_steps, choice_temperature, guidance):
+        s, size = self.config.sample, self.image_size
+        if top_p != 1.0:
+            raise ValueError(f"top_p={top_p!r} applies to autoregressive (GPT) generators; a "
+                             "MaskGIT samples with top_k and temperature: leave top_p out.")
+        for name, value in (("height", height), ("width", width)):
+            if value != size:
+                raise ValueError(f"{name}={value} pixels: MaskGIT samples its training size "
+                                 f"{size} only (no sliding window); leave {name} out.")
+        num_steps = s.num_steps if num_steps is None else num_steps
+        choice_temperature = (s.choice_temperature if choice_temperature is None
+                              else choice_temperature)
+        f = self.tokenizer.downsample_factor
+        maskgit_sampler.check_sampling_args(
+            self._sc, height // f, width // f, guidance_scale, *guidance, num_steps=num_steps,
+            top_k=top_k, temperature=temperature, choice_temperature=choice_temperature)
+        cond = np.asarray(maskgit_sampler.class_rows(self._sc.model, class_ids, num))
+        program = self._program_maskgit(int(num_steps), top_k, guidance_scale != 1.0, guidance)
+        return self._run(program, (self.params, self._frozen), cond, jax.random.key(seed),
+                         jnp.float32(temperature), jnp.float32(choice_temperature),
+                         jnp.float32(guidance_scale))
+
+    def _jit(self, program, num_scalars: int):
+        rep = self._replicated
+        return jax.jit(program, in_shardings=(
+            _shardings(self.params), _shardings(self._frozen), self._batch, rep)
+            + (rep,) * num_scalars, out_shardings=self._batch)
+
+    def _program(self, height: int, width: int, top_k: int, top_p: float, guided: bool,
+                 guidance: tuple = ("constant", 1.0, (0.0, 1.0))):
+        """The jitted GPT sampler for one grid and setting (cached: each compiles once; the
+        batch size is the only other thing that compiles anew)."""
+        key = ("transformer", height, width, top_k, top_p, guided, guidance)
         if key not in self._programs:
             sc = self._sc
+            schedule, power, interval = guidance
 
             def program(params, frozen, prefix, rng, temperature, guidance_scale):
                 return metrics.to_uint8(autoregressive.draw_images(
                     params, frozen, sc, prefix, rng, height=height, width=width, top_k=top_k,
                     top_p=top_p, temperature=temperature,
-                    guidance_scale=guidance_scale if guided else None))
+                    guidance_scale=guidance_scale if guided else None,
+                    guidance_schedule=schedule, guidance_power=power,
+                    guidance_interval=interval))
 
-            rep = self._replicated
-            self._programs[key] = jax.jit(program, in_shardings=(
-                _shardings(self.params), _shardings(self._frozen), self._batch, rep, rep, rep),
-                out_shardings=self._batch)
+            self._programs[key] = self._jit(program, 2)
+        return self._programs[key]
+
+    def _program_maskgit(self, num_steps: int, top_k: int, guided: bool, guidance: tuple):
+        """The jitted MaskGIT sampler for one setting (cached as :meth:`_program`)."""
+        key = ("maskgit", num_steps, top_k, guided, guidance)
+        if key not in self._programs:
+            sc = self._sc
+            schedule, power, interval = guidance
+
+            def program(params, frozen, cond, rng, temperature, choice_temperature,
+                        guidance_scale):
+                return metrics.to_uint8(maskgit_sampler.draw_images(
+                    params, frozen, sc, cond, rng, num_steps=num_steps, top_k=top_k,
+                    temperature=temperature, choice_temperature=choice_temperature,
+                    guidance=GuidanceSchedule(schedule, guidance_scale, power, interval)
+                    if guided else None))
+
+            self._programs[key] = self._jit(program, 3)
         return self._programs[key]
 
 
@@ -330,7 +424,7 @@ def load_tokenizer(path: str | os.PathLike, step: int | None = None,
     config = workdir_lib.read_config(workdir, "path", step)
     if config.stage != "tokenizer":
         raise ValueError(
-            f"path={path!r} is a stage-2 (transformer) workdir; load it with "
+            f"path={path!r} is a stage-2 ({config.stage}) workdir; load it with "
             "vqgan_jax.load_generator, or pass its tokenizer workdir "
             f"{config.get('tokenizer_workdir')!r} to load_tokenizer.")
     vq = registry.build_models(config)[0]
@@ -344,10 +438,12 @@ def load_generator(path: str | os.PathLike, step: int | None = None) -> Generato
     """A generator from a stage-2 workdir, with its tokenizer.
 
     Args:
-      path: a stage-2 workdir (e.g. runs/demo/transformer after `make demo`); its config names
-        the stage-1 workdir whose tokenizer decodes the samples (the generator EMA weights when
-        that run kept them).
-      step: the GPT's checkpoint step; None: the newest intact one (the tokenizer: its newest).
+      path: a stage-2 workdir: a GPT's (``config.stage == "transformer"``, e.g.
+        runs/demo/transformer after `make demo`) or a MaskGIT's (``"maskgit"``, trained with
+        configs/demo_maskgit.py); its config names the stage-1 workdir whose tokenizer decodes
+        the samples (the generator EMA weights when that run kept them).
+      step: the generator's checkpoint step; None: the newest intact one (the tokenizer: its
+        newest).
 
     Returns:
       A :class:`Generator`.

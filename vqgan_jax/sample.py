@@ -1,18 +1,23 @@
-"""Sample a grid of images from a stage-2 workdir:
+"""Sample a grid of images from a stage-2 workdir (a GPT or a MaskGIT):
 
     python -m vqgan_jax.sample --workdir=runs/demo/transformer --class_ids=0,1 --num=8 \
         --top_k=100 --top_p=0.95 --temperature=1.0 --out=samples.png
+    python -m vqgan_jax.sample --workdir=runs/demo/maskgit --class_ids=0,1 --num=8 \
+        --num_steps=8 --choice_temperature=4.5 --guidance_scale=2 --guidance_schedule=linear
 
 A row per class id (``--num`` samples each); an unconditional model takes no --class_ids and
-draws ``--num`` samples. ``--height/--width`` (in codes) beyond the training grid sample with a
-sliding window into larger images; ``--guidance_scale`` applies classifier-free guidance.
-The work is done by :meth:`vqgan_jax.api.Generator.sample`, from the newest intact checkpoints
-of the workdir and its tokenizer.
+draws ``--num`` samples. For a GPT ``--height/--width`` (in codes) beyond the training grid
+sample with a sliding window into larger images; a MaskGIT samples its training grid in
+``--num_steps`` parallel steps. ``--guidance_scale`` applies classifier-free guidance, its scale
+over the sampling scheduled by ``--guidance_schedule`` (constant, linear, power_cosine with
+``--guidance_power``, interval with ``--guidance_interval=lo,hi``). Flags of the other kind of
+model are refused. The work is done by :meth:`vqgan_jax.api.Generator.sample`, from the newest
+intact checkpoints of the workdir and its tokenizer.
 """
 
 from absl import app, flags
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A stage-2 (transformer) workdir.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "A stage-2 (transformer or maskgit) workdir.")
 _OUT = flags.DEFINE_string("out", "samples.png", "PNG file to write.")
 _CLASS_IDS = flags.DEFINE_list("class_ids", [], "Class ids, one row each (class models).")
 _NUM = flags.DEFINE_integer("num", 8, "Samples per class (or in all, unconditional).")
@@ -23,6 +28,17 @@ _GUIDANCE = flags.DEFINE_float("guidance_scale", 1.0, "Classifier-free guidance;
 _HEIGHT = flags.DEFINE_integer("height", None, "Code rows (default: the training grid).")
 _WIDTH = flags.DEFINE_integer("width", None, "Code columns (default: the training grid).")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed; the same seed gives the same images.")
+_NUM_STEPS = flags.DEFINE_integer("num_steps", None, "MaskGIT: decoding steps (default: the "
+                                  "run's config.sample.num_steps).")
+_CHOICE_TEMPERATURE = flags.DEFINE_float(
+    "choice_temperature", None, "MaskGIT: Gumbel noise on the confidences, annealed to 0 "
+    "(default: the run's config.sample.choice_temperature).")
+_GUIDANCE_SCHEDULE = flags.DEFINE_enum(
+    "guidance_schedule", "constant", ["constant", "linear", "power_cosine", "interval"],
+    "The guidance scale over the sampling (see samplers.guidance.GuidanceSchedule).")
+_GUIDANCE_POWER = flags.DEFINE_float("guidance_power", 1.0, "power_cosine: its exponent, > 0.")
+_GUIDANCE_INTERVAL = flags.DEFINE_list("guidance_interval", ["0", "1"], "interval: lo,hi in "
+                                       "[0, 1], the progress range guided.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -36,6 +52,11 @@ def main(argv):
         class_ids = [int(c) for c in _CLASS_IDS.value]
     except ValueError as e:
         raise app.UsageError(f"--class_ids={','.join(_CLASS_IDS.value)}: {e}") from e
+    try:
+        lo, hi = (float(v) for v in _GUIDANCE_INTERVAL.value)
+    except ValueError as e:
+        raise app.UsageError(f"--guidance_interval={','.join(_GUIDANCE_INTERVAL.value)}: give "
+                             "lo,hi (two numbers in [0, 1]).") from e
     # No intact checkpoint or an argument that cannot work: the message, not a stack trace.
     with workdir.exit_on_error(ValueError):
         generator = api.load_generator(_WORKDIR.value)
@@ -44,7 +65,10 @@ def main(argv):
             class_ids=class_ids or None, num=_NUM.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
             temperature=_TEMPERATURE.value, guidance_scale=_GUIDANCE.value,
             height=_HEIGHT.value and _HEIGHT.value * f, width=_WIDTH.value and _WIDTH.value * f,
-            seed=_SEED.value)
+            seed=_SEED.value, num_steps=_NUM_STEPS.value,
+            choice_temperature=_CHOICE_TEMPERATURE.value,
+            guidance_schedule=_GUIDANCE_SCHEDULE.value, guidance_power=_GUIDANCE_POWER.value,
+            guidance_interval=(lo, hi))
     workdir.write_png(_OUT.value, autoregressive.image_grid(images, max(1, len(class_ids))))
 
 

@@ -33,8 +33,8 @@ from vqgan_jax import console, metrics, parallel, workdir as workdir_lib
 from vqgan_jax.data import pipeline, sources
 from vqgan_jax.models import inception, registry
 from vqgan_jax.models.lpips import load_lpips_params
-from vqgan_jax.samplers import autoregressive
-from vqgan_jax.state import transformer as state_transformer
+from vqgan_jax.samplers import autoregressive, maskgit as maskgit_sampler
+from vqgan_jax.state import maskgit as maskgit_state, transformer as state_transformer
 
 RESIZE = ("central square crop (side min(H, W)) resized to image_size x image_size with PIL "
           "bicubic (antialiased when shrinking); pixels mapped to [-1, 1]")
@@ -371,25 +371,34 @@ def _add_rfid(report: dict[str, Any], fid_stats: tuple, ref: tuple | None,
 def evaluate_samples(workdir: str, *, num_samples: int, inception_weights: str,
                      ref_stats: str | None = None, batch_size: int = 64, top_k: int = 0,
                      top_p: float = 1.0, temperature: float = 1.0, guidance_scale: float = 1.0,
-                     seed: int = 0) -> dict[str, Any]:
+                     seed: int = 0, num_steps: int | None = None,
+                     choice_temperature: float | None = None,
+                     guidance_schedule: str = "constant", guidance_power: float = 1.0,
+                     guidance_interval: tuple[float, float] = (0.0, 1.0)) -> dict[str, Any]:
     """Score a stage-2 workdir's generator: FID and Inception Score of ``num_samples`` samples.
 
-    Samples are drawn with the jitted sampler (:func:`autoregressive.sample_images`) at the
-    training grid in batches of ``batch_size``, batch ``i`` with key ``fold_in(key(seed), i)``;
+    Samples are drawn at the training grid with the workdir's jitted sampler (a GPT's
+    :func:`autoregressive.sample_images`, a MaskGIT's :func:`maskgit_sampler.sample_images`)
+    in batches of ``batch_size``, batch ``i`` with key ``fold_in(key(seed), i)``;
     class-conditional models cycle through the classes (sample ``j`` has class
     ``j % num_classes``: 50 per class for 50,000 ImageNet samples), unconditional ones use the
-    start token. Decoded images (clipped to [-1, 1]) go through the FID Inception-v3.
+    start (GPT) or null (MaskGIT) token. Decoded images (clipped to [-1, 1]) go through the FID
+    Inception-v3.
 
     Args:
-      workdir: a stage-2 workdir (``config.stage == "transformer"``).
+      workdir: a stage-2 workdir (``config.stage`` "transformer" or "maskgit").
       num_samples: images to generate (the ImageNet protocol: 50,000).
       inception_weights: pytorch-fid's Inception weights (.pth or .npz).
       ref_stats: reference statistics (:func:`write_reference_stats` of the real images, e.g.
         the ImageNet training or validation split at the tokenizer's image size): ``fid``
         needs them; without, only the Inception Score is reported and ``notes`` says why.
       batch_size: samples per sampler call and per Inception batch.
-      top_k, top_p, temperature, guidance_scale: the sampler's settings (recorded).
+      top_k, top_p, temperature, guidance_scale: the sampler's settings (recorded); top_p is
+        the GPT's only.
       seed: sampling seed.
+      num_steps, choice_temperature: MaskGIT only (default: the run's ``config.sample``).
+      guidance_schedule, guidance_power, guidance_interval: the guidance scale's schedule
+        (:class:`vqgan_jax.samplers.guidance.GuidanceSchedule`).
 
     Returns:
       The report kept by :func:`vqgan_jax.workdir.save_evaluation` (split ``samples``):
@@ -400,8 +409,8 @@ def evaluate_samples(workdir: str, *, num_samples: int, inception_weights: str,
 
     Raises:
       ValueError / FileNotFoundError: naming the flag, before sampling, for a workdir that is
-        not a stage-2 run, an image-conditional model, bad sampling settings, or unreadable
-        weights or statistics.
+        not a stage-2 run, an image-conditional model, bad sampling settings (a flag of the
+        other kind of generator included), or unreadable weights or statistics.
     """
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"--num_samples={num_samples} and --batch_size={batch_size} must be >= 1.")
@@ -409,11 +418,46 @@ def evaluate_samples(workdir: str, *, num_samples: int, inception_weights: str,
         raise ValueError(f"--top_k={top_k} must be >= 0, --top_p={top_p} in (0, 1], "
                          f"--temperature={temperature} > 0.")
     workdir = workdir_lib.absolute(workdir)
+    kind = workdir_lib.read_config(workdir, "--workdir").stage
+    if kind == "maskgit":
+        if top_p != 1.0:
+            raise ValueError(f"--top_p={top_p} applies to autoregressive (GPT) workdirs; a "
+                             "MaskGIT samples with --top_k and --temperature: leave it out.")
+    else:
+        for name, value in (("num_steps", num_steps), ("choice_temperature", choice_temperature)):
+            if value is not None:
+                raise ValueError(f"--{name}={value} applies to MaskGIT workdirs; {workdir} is "
+                                 f"a {kind!r} run: leave it out.")
+    guidance = dict(guidance_schedule=guidance_schedule, guidance_power=float(guidance_power),
+                    guidance_interval=tuple(float(v) for v in guidance_interval))
     ref = metrics.load_stats(ref_stats) if ref_stats is not None else None
-    params, frozen, sc, config = state_transformer.load_for_sampling(workdir)
-    if sc.conditioning.kind == "image":
-        raise ValueError(f"--workdir={workdir} holds an image-conditional model; sample FID needs "
-                         "condition images, which this evaluation does not read.")
+    if kind == "maskgit":
+        params, frozen, sc, config = maskgit_state.load_for_sampling(workdir)
+        num_steps = config.sample.num_steps if num_steps is None else num_steps
+        choice_temperature = (config.sample.choice_temperature if choice_temperature is None
+                              else choice_temperature)
+        settings = dict(num_steps=num_steps, choice_temperature=choice_temperature, top_k=top_k,
+                        temperature=temperature, guidance_scale=guidance_scale, **guidance)
+        maskgit_sampler.check_sampling_args(sc, *sc.grid, guidance_scale, *guidance.values(),
+                                            num_steps, top_k, temperature, choice_temperature)
+        conditioning = "class" if sc.num_classes else "unconditional"
+        num_classes = sc.num_classes
+
+        def draw(classes: list[int], b: int, rng: jax.Array) -> np.ndarray:
+            cond = maskgit_sampler.class_rows(sc.model, classes, 1 if classes else b)
+            return maskgit_sampler.sample_images(params, frozen, sc, cond, rng, **settings)
+    else:
+        params, frozen, sc, config = state_transformer.load_for_sampling(workdir)
+        if sc.conditioning.kind == "image":
+            raise ValueError(f"--workdir={workdir} holds an image-conditional model; sample FID "
+                             "needs condition images, which this evaluation does not read.")
+        settings = dict(top_k=top_k, top_p=top_p, temperature=temperature,
+                        guidance_scale=guidance_scale, **guidance)
+        conditioning, num_classes = sc.conditioning.kind, sc.conditioning.num_classes
+
+        def draw(classes: list[int], b: int, rng: jax.Array) -> np.ndarray:
+            prefix = autoregressive.class_rows(sc.conditioning, classes, 1 if classes else b)
+            return autoregressive.sample_images(params, frozen, sc, prefix, rng, **settings)
     mesh = parallel.create_mesh(devices=jax.devices()[:1])
     inception_vars = _load_inception(inception_weights, mesh)
     step = workdir_lib.latest_step(workdir, "--workdir")
@@ -422,14 +466,9 @@ def evaluate_samples(workdir: str, *, num_samples: int, inception_weights: str,
     def sample_batches():
         for i, start in enumerate(range(0, num_samples, batch_size)):
             b = min(batch_size, num_samples - start)
-            if sc.conditioning.kind == "class":
-                classes = [(start + j) % sc.conditioning.num_classes for j in range(b)]
-                prefix = autoregressive.class_rows(sc.conditioning, classes, 1)
-            else:
-                prefix = autoregressive.class_rows(sc.conditioning, [], b)
-            yield np.clip(autoregressive.sample_images(
-                params, frozen, sc, prefix, jax.random.fold_in(rng, i), top_k=top_k,
-                top_p=top_p, temperature=temperature, guidance_scale=guidance_scale), -1, 1)
+            classes = ([(start + j) % num_classes for j in range(b)]
+                       if conditioning == "class" else [])
+            yield np.clip(draw(classes, b, jax.random.fold_in(rng, i)), -1, 1)
 
     logging.info("Sampling %d images from %s step %d for FID/IS", num_samples, workdir, step)
     batches = console.bar(sample_batches(), -(-num_samples // batch_size), "sample",
@@ -449,12 +488,17 @@ def evaluate_samples(workdir: str, *, num_samples: int, inception_weights: str,
         notes.append(f"statistics of {num_samples} samples (< 2048 feature dimensions): fid is "
                      "biased upward; compare only at equal num_samples.")
     image_size = config.image_size
+    sampler = dict(top_k=top_k, top_p=top_p, temperature=temperature,
+                   guidance_scale=guidance_scale)
+    if kind == "maskgit":  # (a GPT's protocol keeps its earlier fields, so its hash is kept)
+        sampler = dict(settings, stage=kind, guidance_interval=list(guidance_interval))
+    elif guidance_schedule != "constant":
+        sampler.update(guidance, guidance_interval=list(guidance_interval))
     report["protocol"] = dict(
         num_samples=num_samples, image_size=image_size, grid=list(sc.grid),
-        conditioning=sc.conditioning.kind,
-        classes="sample j has class j % num_classes" if sc.conditioning.kind == "class" else None,
-        top_k=top_k, top_p=top_p, temperature=temperature, guidance_scale=guidance_scale,
-        seed=seed, inception="pt_inception-2015-12-05 (pytorch-fid FIDInceptionV3)",
+        conditioning=conditioning,
+        classes="sample j has class j % num_classes" if conditioning == "class" else None,
+        **sampler, seed=seed, inception="pt_inception-2015-12-05 (pytorch-fid FIDInceptionV3)",
         inception_input=INCEPTION_INPUT, inception_score_splits=splits,
         dtype="float32", ref_stats=os.path.basename(ref_stats) if ref_stats else None,
         ref_stats_protocol=ref[2] if ref is not None else None)

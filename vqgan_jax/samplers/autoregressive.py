@@ -355,24 +355,35 @@ def sample_images(params: Any, frozen: dict[str, Any], sc: StepConfig, prefix: j
         guidance_interval=tuple(float(v) for v in guidance_interval)))
 
 
-def class_rows(conditioning: registry.Conditioning, class_ids: list[int], num: int) -> jax.Array:
-    """Prefixes for ``num`` samples of each class in ``class_ids`` (unconditional: ``num`` in all).
+def check_class_ids(kind: str, num_classes: int, class_ids: list[int]) -> None:
+    """The class ids a model of conditioning ``kind`` ("unconditional" | "class" | "image")
+    with ``num_classes`` classes samples (shared by the GPT's and MaskGIT's row helpers).
 
     Raises:
       ValueError: naming class_ids for ids outside [0, num_classes), none for a class model, or
         ids given to a model that is not class-conditional.
     """
-    if conditioning.kind == "unconditional":
+    if kind == "unconditional":
         if class_ids:
             raise ValueError(f"class_ids={list(class_ids)} was given but the model is "
                              "unconditional; leave class_ids out.")
-        return conditioning.sos_prefix(num)
-    if conditioning.kind != "class":
+        return
+    if kind != "class":
         raise ValueError("This model is image-conditional: sampling by class ids does not apply; "
                          "encode a condition image with the cond-stage tokenizer, build the "
                          "prefix with Conditioning.image_prefix and call sample_images.")
-    bad = [c for c in class_ids if not 0 <= c < conditioning.num_classes]
+    bad = [c for c in class_ids if not 0 <= c < num_classes]
     if bad or not class_ids:
-        raise ValueError(f"class_ids={list(class_ids)}: give class ids in [0, "
-                         f"{conditioning.num_classes}).")
+        raise ValueError(f"class_ids={list(class_ids)}: give class ids in [0, {num_classes}).")
+
+
+def class_rows(conditioning: registry.Conditioning, class_ids: list[int], num: int) -> jax.Array:
+    """Prefixes for ``num`` samples of each class in ``class_ids`` (unconditional: ``num`` in all).
+
+    Raises:
+      ValueError: as :func:`check_class_ids`.
+    """
+    check_class_ids(conditioning.kind, conditioning.num_classes, class_ids)
+    if conditioning.kind == "unconditional":
+        return conditioning.sos_prefix(num)
     return conditioning.class_prefix(jnp.repeat(jnp.asarray(class_ids), num))

@@ -13,6 +13,10 @@ progress ``t / (T - 1)`` (MUSE, Chang et al. 2023, raises it linearly).
 
 The sampler has fixed shapes and one ``lax.fori_loop`` over the steps: it compiles once per
 (model, batch size, num_steps, top_k, guidance kind) and runs without the host.
+
+:func:`sample_images` (:func:`draw_images` traced) decodes the codes with the frozen tokenizer;
+:func:`class_rows` builds the class (or null) tokens of a batch, :func:`check_sampling_args`
+refuses what a MaskGIT cannot sample before anything compiles.
 """
 
 import functools
@@ -21,10 +25,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vqgan_jax.models.maskgit import MaskGIT
-from vqgan_jax.samplers.autoregressive import filter_logits
+from vqgan_jax.samplers.autoregressive import check_class_ids, filter_logits
 from vqgan_jax.samplers.guidance import GuidanceSchedule, guide
+from vqgan_jax.state.maskgit import StepConfig
 
 
 def masked_after_step(t: int, num_steps: int, num_codes: int) -> int:
@@ -178,3 +184,137 @@ def _sample(params, cond_tokens, rng, temperature, choice_temperature, guidance,
     history = jnp.zeros((num_steps, b, n) if return_history else (0,), jnp.int32)
     codes, history = jax.lax.fori_loop(0, num_steps, step, (codes, history))
     return (codes, history) if return_history else codes
+
+
+# ----------------------------------------------------------------------------- images
+
+def draw_images(params: Any, frozen: dict[str, Any], sc: StepConfig, cond_tokens: jax.Array,
+                rng: jax.Array, *, num_steps: int, top_k: int = 0,
+                temperature: float | jax.Array = 1.0,
+                choice_temperature: float | jax.Array = 4.5,
+                guidance: GuidanceSchedule | None = None) -> jax.Array:
+    """Sample code grids by :func:`sample` and decode them with the frozen tokenizer (traceable:
+    the body that :func:`sample_images` and :class:`vqgan_jax.api.Generator` jit).
+
+    Args:
+      params: the MaskGIT's parameters; frozen: ``{"tokenizer": params}``
+        (:func:`vqgan_jax.state.maskgit.load_for_sampling`); sc: its step config (static).
+      cond_tokens: int32[B] class or null tokens (:func:`class_rows`).
+      rng: a ``jax.random.key``.
+      num_steps, top_k, temperature, choice_temperature: as :func:`sample`.
+      guidance: classifier-free guidance (class models; the null rows are
+        ``sc.model.null_token``); None: none (the model runs on B rows).
+
+    Returns:
+      float32[B, h * f, w * f, 3] in [-1, 1], ``(h, w) = sc.grid``.
+    """
+    b = cond_tokens.shape[0]
+    null = None if guidance is None else jnp.full((b,), sc.model.null_token, jnp.int32)
+    codes = sample(params, cond_tokens, rng, model=sc.model, num_steps=num_steps, top_k=top_k,
+                   temperature=temperature, choice_temperature=choice_temperature,
+                   guidance=GuidanceSchedule() if guidance is None else guidance,
+                   null_tokens=null)  # (B, N)
+    codes = codes.reshape(b, *sc.grid)
+    x = sc.vq.apply({"params": frozen["tokenizer"]}, codes, method="decode_from_indices")
+    return jnp.clip(x.astype(jnp.float32), -1.0, 1.0)
+
+
+def check_sampling_args(sc: StepConfig, height: int, width: int, guidance_scale: float,
+                        guidance_schedule: str = "constant", guidance_power: float = 1.0,
+                        guidance_interval: tuple[float, float] = (0.0, 1.0),
+                        num_steps: int | None = None, top_k: int = 0,
+                        temperature: float = 1.0, choice_temperature: float = 4.5) -> None:
+    """Raise before any compile for a grid, guidance or setting a MaskGIT cannot sample (the
+    counterpart of :func:`vqgan_jax.samplers.autoregressive.check_sampling_args`).
+
+    Args:
+      height, width: the code grid asked for.
+      guidance_scale, guidance_schedule, guidance_power, guidance_interval: the
+        :class:`GuidanceSchedule` fields.
+      num_steps: T in ``[1, h * w]`` (None: not checked); top_k >= 0; temperature > 0;
+        choice_temperature >= 0.
+
+    Raises:
+      ValueError: naming the argument: a grid other than the training grid ``sc.grid``
+        (MaskGIT's learned positions cover that grid only; there is no sliding window), guidance
+        (scale != 1) on an unconditional model, an invalid guidance schedule, or a setting
+        outside its range.
+    """
+    GuidanceSchedule(guidance_schedule, guidance_scale, guidance_power, guidance_interval)
+    gh, gw = sc.grid
+    if (height, width) != (gh, gw):
+        raise ValueError(f"height x width = {height}x{width} codes: MaskGIT samples its training "
+                         f"grid only ({gh}x{gw} codes; its learned positions cover that grid); "
+                         "leave height and width out.")
+    if guidance_scale != 1.0 and sc.num_classes == 0:
+        raise ValueError(f"guidance_scale={guidance_scale} needs a class-conditional model "
+                         "(trained with config.class_drop_prob > 0); leave it at 1.0.")
+    if num_steps is not None and not (isinstance(num_steps, (int, np.integer))
+                                      and 1 <= num_steps <= gh * gw):
+        raise ValueError(f"num_steps={num_steps!r}: give an int in [1, {gh * gw}] (the grid's "
+                         "codes; each step fills at least one; MaskGIT uses 8 to 12).")
+    if not isinstance(top_k, (int, np.integer)) or top_k < 0:
+        raise ValueError(f"top_k={top_k!r} must be an int >= 0 (0 keeps every code).")
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature!r} must be > 0.")
+    if not choice_temperature >= 0:
+        raise ValueError(f"choice_temperature={choice_temperature!r} must be >= 0 (0 keeps the "
+                         "most probable codes; MaskGIT uses 4.5).")
+
+
+_draw_images = jax.jit(draw_images, static_argnames=("sc", "num_steps", "top_k"))
+
+
+def sample_images(params: Any, frozen: dict[str, Any], sc: StepConfig, cond_tokens: jax.Array,
+                  rng: jax.Array, *, height: int | None = None, width: int | None = None,
+                  num_steps: int = 8, top_k: int = 0, temperature: float = 1.0,
+                  choice_temperature: float = 4.5, guidance_scale: float = 1.0,
+                  guidance_schedule: str = "constant", guidance_power: float = 1.0,
+                  guidance_interval: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
+    """Sample code grids by MaskGIT's iterative decoding and decode them with the frozen
+    tokenizer (one jitted program per setting; see :func:`draw_images`).
+
+    Args:
+      params, frozen, sc: as :func:`vqgan_jax.state.maskgit.load_for_sampling` returns.
+      cond_tokens: int32[B] (:func:`class_rows`).
+      rng: a ``jax.random.key``; the same key and batch gives the same images.
+      height, width: the code grid; only the training grid (the default) is accepted.
+      num_steps, top_k, temperature, choice_temperature: as :func:`sample`.
+      guidance_scale: classifier-free guidance (class models); 1 disables it under every
+        schedule (the model then runs on B rows, not 2B).
+      guidance_schedule, guidance_power, guidance_interval: the scale's schedule over the
+        steps (:class:`GuidanceSchedule`).
+
+    Returns:
+      float32[B, h * f, w * f, 3] in [-1, 1].
+
+    Raises:
+      ValueError: as :func:`check_sampling_args`.
+    """
+    height, width = height or sc.grid[0], width or sc.grid[1]
+    check_sampling_args(sc, height, width, guidance_scale, guidance_schedule, guidance_power,
+                        guidance_interval, num_steps, top_k, temperature, choice_temperature)
+    guidance = None if guidance_scale == 1.0 else GuidanceSchedule(
+        guidance_schedule, float(guidance_scale), float(guidance_power),
+        tuple(float(v) for v in guidance_interval))
+    return np.asarray(_draw_images(
+        params, frozen, sc, jnp.asarray(cond_tokens, jnp.int32), rng, num_steps=int(num_steps),
+        top_k=int(top_k), temperature=jnp.float32(temperature),
+        choice_temperature=jnp.float32(choice_temperature), guidance=guidance))
+
+
+def class_rows(model: MaskGIT, class_ids: list[int], num: int) -> jax.Array:
+    """The tokens for ``num`` samples of each class in ``class_ids``, class by class
+    (``model.class_tokens``); an unconditional model (``num_classes = 0``): ``num`` null tokens.
+
+    Returns:
+      int32[len(class_ids) * num] (unconditional: int32[num]).
+
+    Raises:
+      ValueError: as :func:`vqgan_jax.samplers.autoregressive.check_class_ids`.
+    """
+    kind = "class" if model.num_classes else "unconditional"
+    check_class_ids(kind, model.num_classes, list(class_ids))
+    if kind == "unconditional":
+        return jnp.full((num,), model.null_token, jnp.int32)
+    return model.class_tokens(jnp.repeat(jnp.asarray(class_ids, jnp.int32), num))

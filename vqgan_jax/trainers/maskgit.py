@@ -22,8 +22,10 @@ import numpy as np
 import optax
 from absl import logging
 
-from vqgan_jax import workdir as workdir_lib
+from vqgan_jax import metrics as metrics_lib, workdir as workdir_lib
 from vqgan_jax.data import sources
+from vqgan_jax.samplers import maskgit as maskgit_sampler
+from vqgan_jax.samplers.autoregressive import image_grid
 from vqgan_jax.state.maskgit import (StepConfig, TrainState, build_step_config, init_state,
                                      load_frozen, validate_config)
 from vqgan_jax.trainers import loop
@@ -171,22 +173,47 @@ def jit_train_step(sc: StepConfig, mesh, state_shardings, frozen_shardings):
 
 # ----------------------------------------------------------------------------- sampling
 
+def _sample_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """``config.sample``'s sampler settings (:func:`samplers.maskgit.sample_images` keywords)."""
+    s = config.sample
+    return dict(num_steps=s.num_steps, top_k=s.top_k, temperature=s.temperature,
+                choice_temperature=s.choice_temperature, guidance_scale=s.guidance_scale,
+                guidance_schedule=s.get("guidance_schedule", "constant"),
+                guidance_power=s.get("guidance_power", 1.0),
+                guidance_interval=tuple(s.get("guidance_interval", (0.0, 1.0))))
+
+
+def check_sample_config(config: ml_collections.ConfigDict, sc: StepConfig) -> None:
+    """Refuse, before training, a ``config.sample`` the end-of-training samples could not use.
+
+    Raises:
+      ValueError: as :func:`vqgan_jax.samplers.maskgit.check_sampling_args`, prefixed by
+        ``config.sample:`` (e.g. guidance_scale != 1 on an unconditional model).
+    """
+    if config.sample.num_per_row == 0:
+        return
+    try:
+        maskgit_sampler.check_sampling_args(sc, *sc.grid, **_sample_settings(config))
+    except ValueError as e:
+        raise ValueError(f"config.sample: {e}") from None
+
+
 def _sample_grid(params, frozen, sc: StepConfig, config: ml_collections.ConfigDict,
                  rng: jax.Array) -> np.ndarray | None:
-    """The end-of-training picture for ``samples.png``: uint8[H, W, 3], or None for none.
-
-    INTEGRATION HOOK (samples.png): returns None until :mod:`vqgan_jax.samplers.maskgit` is
-    wired in. It should draw ``config.sample.num_per_row`` images per row, a row per class
-    (up to ``config.sample.max_rows``; one null-class row when unconditional), with
-    ``config.sample``'s ``num_steps``, ``top_k``, ``temperature``, ``choice_temperature``,
-    ``guidance_scale`` and ``guidance_schedule``, decode them with ``sc.vq`` and
-    ``frozen["tokenizer"]``, and return
-    ``autoregressive.image_grid(np.asarray(metrics.to_uint8(images)), rows)``, as
-    :func:`vqgan_jax.trainers.transformer._sample_grid` does. ``finish`` below already writes
-    a non-None result to TensorBoard and ``samples.png``.
-    """
-    del params, frozen, sc, config, rng
-    return None
+    """The end-of-training picture for ``samples.png``: uint8[H, W, 3] of
+    ``config.sample.num_per_row`` images per row, a row per class (up to
+    ``config.sample.max_rows``; one null-class row when unconditional), drawn by MaskGIT's
+    iterative decoding with ``config.sample``'s settings (:func:`_sample_settings`) and decoded
+    by the frozen tokenizer; None with ``num_per_row=0``."""
+    s = config.sample
+    if s.num_per_row == 0:
+        return None
+    rows = min(s.max_rows, sc.num_classes) if sc.num_classes else 1
+    cond = maskgit_sampler.class_rows(sc.model, list(range(rows)) if sc.num_classes else [],
+                                      s.num_per_row)
+    images = maskgit_sampler.sample_images(params, frozen, sc, cond, rng,
+                                           **_sample_settings(config))
+    return image_grid(np.asarray(metrics_lib.to_uint8(images)), rows)
 
 
 # ----------------------------------------------------------------------------- the job
@@ -195,7 +222,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Train a MaskGIT per ``config`` in ``workdir`` through :func:`loop.run_job` (resume,
     preemption, non-finite steps, checkpoints, TensorBoard and ``scalars.jsonl`` as described
     there). At the end it writes ``metrics.json`` (the last logged train metrics and ``step``)
-    and, once the sampler is wired in (:func:`_sample_grid`), ``samples.png``.
+    and ``samples.png`` (:func:`_sample_grid`: a row per class, MaskGIT's iterative decoding).
 
     Returns:
       The last logged train metrics: ``loss`` (nats per masked code), ``masked_accuracy``,
@@ -203,7 +230,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       ``step``; or ``{"preempted_at_step": step}``.
 
     Raises:
-      ValueError: for a config field or dataset that cannot work, before anything compiles.
+      ValueError: for a config field (``config.sample`` included) or dataset that cannot work,
+        before anything compiles.
       FloatingPointError: after ``config.max_consecutive_nonfinite`` non-finite steps in a row.
     """
     config = ml_collections.ConfigDict(config.to_dict())
@@ -216,6 +244,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                          f"{train_source.num_classes} classes; set config.num_classes to at "
                          "least that.")
     sc = build_step_config(config)
+    check_sample_config(config, sc)
     codes_per_step = config.batch_size * math.prod(sc.grid)
 
     def make_job(mesh, rules, workdir):
@@ -229,7 +258,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             summary["step"] = step
             if jax.process_index() == 0:
                 workdir_lib.write_json(os.path.join(workdir, "metrics.json"), summary)
-            # INTEGRATION HOOK (samples.png): see _sample_grid.
             grid = _sample_grid(state.params, frozen, sc, config, jax.random.key(config.seed))
             if grid is not None:
                 loop.write_picture(writer, workdir, step, "samples", "samples.png", grid)
