@@ -16,7 +16,7 @@ from PIL import Image
 
 import vqgan_jax
 from conftest import MASKGIT_SAMPLE as GUIDED, ROOT
-from vqgan_jax import metrics, parallel
+from vqgan_jax import metrics
 from vqgan_jax.models.maskgit import MaskGIT
 from vqgan_jax.samplers import autoregressive, maskgit as sampler
 from vqgan_jax.state import maskgit as state_mg

@@ -12,7 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import load_config, shrink
-from vqgan_jax import losses, parallel
+from vqgan_jax import parallel
 from vqgan_jax import workdir as workdir_lib
 from vqgan_jax.models.lpips import load_lpips_params, lpips_fn
 from vqgan_jax.state import tokenizer as state1
