@@ -16,6 +16,8 @@ dataset split for reuse as ``--ref_stats``. See :mod:`vqgan_jax.scoring`.
 
 from absl import app, flags, logging
 
+from vqgan_jax import sampling_flags
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a `python -m vqgan_jax.main` run.")
 _DATASET = flags.DEFINE_string(
     "dataset", None, "'demo', 'folder:/path/to/images' or a TFDS name (imagenet2012); default: "
@@ -40,22 +42,6 @@ _WRITE_REF_STATS = flags.DEFINE_string(
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 50_000, "Stage-2 workdirs: images to sample "
                                     "for FID and Inception Score.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Stage 2: sampler top-k (0: off).")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Stage 2: sampler nucleus mass (1: off).")
-_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Stage 2: sampling temperature.")
-_GUIDANCE = flags.DEFINE_float("guidance_scale", 1.0, "Stage 2: classifier-free guidance (1: off).")
-_SEED = flags.DEFINE_integer("seed", 0, "Stage 2: sampling seed.")
-_NUM_STEPS = flags.DEFINE_integer("num_steps", None, "MaskGIT: decoding steps (default: the "
-                                  "run's config.sample.num_steps).")
-_CHOICE_TEMPERATURE = flags.DEFINE_float(
-    "choice_temperature", None, "MaskGIT: Gumbel noise on the confidences, annealed to 0 "
-    "(default: the run's config.sample.choice_temperature).")
-_GUIDANCE_SCHEDULE = flags.DEFINE_enum(
-    "guidance_schedule", "constant", ["constant", "linear", "power_cosine", "interval"],
-    "Stage 2: the guidance scale over the sampling (samplers.guidance.GuidanceSchedule).")
-_GUIDANCE_POWER = flags.DEFINE_float("guidance_power", 1.0, "power_cosine: its exponent, > 0.")
-_GUIDANCE_INTERVAL = flags.DEFINE_list("guidance_interval", ["0", "1"], "interval: lo,hi in "
-                                       "[0, 1], the progress range guided.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() "
                                  "first (multi-host).")
 
@@ -90,19 +76,9 @@ def _main(argv):
         if not _INCEPTION.value:
             raise app.UsageError("A stage-2 workdir is scored by FID and Inception Score: pass "
                                  "--inception_weights (and --ref_stats for FID).")
-        try:
-            lo, hi = (float(v) for v in _GUIDANCE_INTERVAL.value)
-        except ValueError as e:
-            raise app.UsageError(f"--guidance_interval={','.join(_GUIDANCE_INTERVAL.value)}: "
-                                 "give lo,hi (two numbers in [0, 1]).") from e
         report = scoring.evaluate_samples(
             _WORKDIR.value, num_samples=_NUM_SAMPLES.value, inception_weights=_INCEPTION.value,
-            ref_stats=_REF_STATS.value, batch_size=_BATCH_SIZE.value, top_k=_TOP_K.value,
-            top_p=_TOP_P.value, temperature=_TEMPERATURE.value,
-            guidance_scale=_GUIDANCE.value, seed=_SEED.value, num_steps=_NUM_STEPS.value,
-            choice_temperature=_CHOICE_TEMPERATURE.value,
-            guidance_schedule=_GUIDANCE_SCHEDULE.value, guidance_power=_GUIDANCE_POWER.value,
-            guidance_interval=(lo, hi))
+            ref_stats=_REF_STATS.value, batch_size=_BATCH_SIZE.value, **sampling_flags.values())
         logging.info("Evaluation: %s", {k: v for k, v in report.items() if k != "protocol"})
         return
     report = scoring.evaluate_workdir(

@@ -17,28 +17,14 @@ intact checkpoints of the workdir and its tokenizer.
 
 from absl import app, flags
 
+from vqgan_jax import sampling_flags
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "A stage-2 (transformer or maskgit) workdir.")
 _OUT = flags.DEFINE_string("out", "samples.png", "PNG file to write.")
 _CLASS_IDS = flags.DEFINE_list("class_ids", [], "Class ids, one row each (class models).")
 _NUM = flags.DEFINE_integer("num", 8, "Samples per class (or in all, unconditional).")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely codes; 0 keeps all.")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus: smallest set of codes of mass >= p.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Divides the logits.")
-_GUIDANCE = flags.DEFINE_float("guidance_scale", 1.0, "Classifier-free guidance; 1 is off.")
 _HEIGHT = flags.DEFINE_integer("height", None, "Code rows (default: the training grid).")
 _WIDTH = flags.DEFINE_integer("width", None, "Code columns (default: the training grid).")
-_SEED = flags.DEFINE_integer("seed", 0, "Random seed; the same seed gives the same images.")
-_NUM_STEPS = flags.DEFINE_integer("num_steps", None, "MaskGIT: decoding steps (default: the "
-                                  "run's config.sample.num_steps).")
-_CHOICE_TEMPERATURE = flags.DEFINE_float(
-    "choice_temperature", None, "MaskGIT: Gumbel noise on the confidences, annealed to 0 "
-    "(default: the run's config.sample.choice_temperature).")
-_GUIDANCE_SCHEDULE = flags.DEFINE_enum(
-    "guidance_schedule", "constant", ["constant", "linear", "power_cosine", "interval"],
-    "The guidance scale over the sampling (see samplers.guidance.GuidanceSchedule).")
-_GUIDANCE_POWER = flags.DEFINE_float("guidance_power", 1.0, "power_cosine: its exponent, > 0.")
-_GUIDANCE_INTERVAL = flags.DEFINE_list("guidance_interval", ["0", "1"], "interval: lo,hi in "
-                                       "[0, 1], the progress range guided.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -52,23 +38,15 @@ def main(argv):
         class_ids = [int(c) for c in _CLASS_IDS.value]
     except ValueError as e:
         raise app.UsageError(f"--class_ids={','.join(_CLASS_IDS.value)}: {e}") from e
-    try:
-        lo, hi = (float(v) for v in _GUIDANCE_INTERVAL.value)
-    except ValueError as e:
-        raise app.UsageError(f"--guidance_interval={','.join(_GUIDANCE_INTERVAL.value)}: give "
-                             "lo,hi (two numbers in [0, 1]).") from e
+    kwargs = sampling_flags.values()
     # No intact checkpoint or an argument that cannot work: the message, not a stack trace.
     with workdir.exit_on_error(ValueError):
         generator = api.load_generator(_WORKDIR.value)
         f = generator.tokenizer.downsample_factor
         images = generator.sample(
-            class_ids=class_ids or None, num=_NUM.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-            temperature=_TEMPERATURE.value, guidance_scale=_GUIDANCE.value,
+            class_ids=class_ids or None, num=_NUM.value,
             height=_HEIGHT.value and _HEIGHT.value * f, width=_WIDTH.value and _WIDTH.value * f,
-            seed=_SEED.value, num_steps=_NUM_STEPS.value,
-            choice_temperature=_CHOICE_TEMPERATURE.value,
-            guidance_schedule=_GUIDANCE_SCHEDULE.value, guidance_power=_GUIDANCE_POWER.value,
-            guidance_interval=(lo, hi))
+            **kwargs)
     workdir.write_png(_OUT.value, autoregressive.image_grid(images, max(1, len(class_ids))))
 
 

@@ -8,7 +8,6 @@ opt_state), the tokenizer is restored by :func:`vqgan_jax.state.transformer.load
 """
 
 import dataclasses
-import functools
 from typing import Any
 
 import flax.linen as nn
@@ -17,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from vqgan_jax import config_base, parallel, workdir as workdir_lib
+from vqgan_jax import config_base
 from vqgan_jax.models import registry
 from vqgan_jax.models.maskgit import MaskGIT
 from vqgan_jax.state import transformer as state_transformer
@@ -157,14 +156,5 @@ def load_for_sampling(workdir: str, mesh=None, step: int | None = None, field: s
       ValueError: naming ``field`` when ``workdir`` holds no checkpoint or is not a MaskGIT
         (``stage="maskgit"``) workdir, or ``step`` when there is no such checkpoint.
     """
-    workdir = workdir_lib.absolute(workdir)
-    config = workdir_lib.read_config(workdir, field, step, stage="maskgit")
-    mesh = mesh or parallel.create_mesh(devices=jax.devices()[:1])
-    sc = build_step_config(config)
-    boxed = jax.eval_shape(functools.partial(init_state, sc=sc, boxed=True),
-                           jax.random.key(0)).params
-    shardings = parallel.state_shardings(boxed, mesh, parallel.rules_from_config(config))
-    params = workdir_lib.restore_subtree(workdir, field, "params", workdir_lib.abstract_like(
-        parallel.unbox(boxed), shardings), step)
-    frozen, _ = load_frozen(config, sc, mesh)
-    return params, frozen, sc, config
+    return state_transformer.restore_for_sampling(workdir, mesh, step, field, "maskgit",
+                                                  build_step_config, init_state)

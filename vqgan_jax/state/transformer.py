@@ -172,8 +172,23 @@ def load_for_sampling(workdir: str, mesh=None, step: int | None = None, field: s
       ValueError: naming ``field`` when ``workdir`` holds no stage-2 checkpoint (or ``step``
         when there is no such checkpoint).
     """
+    return restore_for_sampling(workdir, mesh, step, field, "transformer", build_step_config,
+                                init_state)
+
+
+def restore_for_sampling(workdir: str, mesh, step: int | None, field: str, stage: str,
+                         build_step_config: Any, init_state: Any
+                         ) -> tuple[Any, dict, Any, ml_collections.ConfigDict]:
+    """What both stage-2 kinds' ``load_for_sampling`` do, given the ``stage`` the workdir must
+    hold and that stage's ``build_step_config(config)`` and ``init_state(rng, sc, boxed)``:
+    the params subtree of the newest intact checkpoint (or ``step``) laid out by the config's
+    sharding rules on ``mesh`` (default: one device), and the frozen tokenizer(s).
+
+    Raises:
+      ValueError: naming ``field`` (no checkpoint, another stage) or ``step`` (no such one).
+    """
     workdir = workdir_lib.absolute(workdir)
-    config = workdir_lib.read_config(workdir, field, step, stage="transformer")
+    config = workdir_lib.read_config(workdir, field, step, stage=stage)
     mesh = mesh or parallel.create_mesh(devices=jax.devices()[:1])
     sc = build_step_config(config)
     boxed = jax.eval_shape(functools.partial(init_state, sc=sc, boxed=True),

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.sharding import Mesh
@@ -138,6 +139,23 @@ def write_picture(writer: metric_writers.MetricWriter, workdir: str, step: int, 
     writer.write_images(step, {tag: picture[None].astype(np.float32) / 255})
     if jax.process_index() == 0:
         workdir_lib.write_png(os.path.join(workdir, filename), picture)
+
+
+def update_if_finite(state: Any, grads: Any, loss: jax.Array, tx: Any
+                     ) -> tuple[Any, jax.Array, jax.Array]:
+    """One ``tx`` update of ``state.params`` and ``state.opt_state`` (a stage-2 TrainState),
+    kept only when ``loss`` and the gradient norm are finite: a NaN/Inf step leaves both as
+    they were (the caller still advances the step; :class:`NonFiniteGuard` counts it).
+
+    Returns:
+      ``(new_state, grad_norm, finite)``: float32[] global gradient norm, bool[] finite.
+    """
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    grad_norm = optax.tree.norm(grads)
+    finite = all_finite(loss, grad_norm)
+    updated = state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+    return new_state, grad_norm, finite
 
 
 def all_finite(*scalars: jax.Array) -> jax.Array:

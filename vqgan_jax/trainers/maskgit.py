@@ -151,13 +151,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: dict[str,
     mask, _ = random_mask(mask_rng, b, n)
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, codes, cond, mask, sc, dropout_rng)
-    updates, opt_state = sc.tx.update(grads, state.opt_state, state.params)
-    grad_norm = optax.tree.norm(grads)
-    # Non-finite guard (as the GPT's): a NaN/Inf loss or gradient leaves the parameters and
-    # optimizer state as they were; the step still advances.
-    finite = loop.all_finite(loss, grad_norm)
-    updated = state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state)
-    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+    # A NaN/Inf loss or gradient leaves the parameters and optimizer state as they were.
+    new_state, grad_norm, finite = loop.update_if_finite(state, grads, loss, sc.tx)
     metrics = dict(loss=loss, masked_accuracy=aux["masked_accuracy"],
                    mask_ratio=jnp.mean(mask.astype(jnp.float32)), grad_norm=grad_norm,
                    nonfinite=1.0 - finite.astype(jnp.float32))

@@ -107,13 +107,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: dict[str,
                                                            sc.gpt.vocab_size))
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, prefix, codes, inputs, sc, dropout_rng)
-    updates, opt_state = sc.tx.update(grads, state.opt_state, state.params)
-    grad_norm = optax.tree.norm(grads)
     # Non-finite guard: a NaN/Inf loss or gradient leaves parameters and optimizer state as
     # they were; the step still advances.
-    finite = loop.all_finite(loss, grad_norm)
-    updated = state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state)
-    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+    new_state, grad_norm, finite = loop.update_if_finite(state, grads, loss, sc.tx)
     metrics = dict(loss=loss, bits_per_code=loss / jnp.log(2.0), accuracy=aux["accuracy"],
                    grad_norm=grad_norm, nonfinite=1.0 - finite.astype(jnp.float32))
     return (new_state.replace(step=state.step + 1),
