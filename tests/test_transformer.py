@@ -66,7 +66,7 @@ def test_transformer_config_counts_and_builds_at_tiny_size(name, tokenizer_workd
     assert sum(math.prod(x.shape) for x in jax.tree.leaves(abstract)) == PARAMETER_COUNTS[name]
 
     config = tiny(config, tokenizer_workdir)
-    T.validate_config(config, num_devices=8)
+    state2.validate_config(config, num_devices=8)
     sc = state2.build_step_config(config)
     assert sc.grid == (4, 4) and sc.gpt.vocab_size == 16
     state = jax.jit(functools.partial(state2.init_state, sc=sc))(jax.random.key(0))
@@ -100,7 +100,7 @@ def test_image_conditioning_prefixes_the_cond_stage_codes(tokenizer_workdir):
     config.update(conditioning="image", cond_tokenizer_workdir=tokenizer_workdir,
                   cond_image_size=4, pkeep=0.5)
     config.model.block_size = 4 + 16 - 1  # a 2x2 condition grid, then 4x4 codes
-    T.validate_config(config, num_devices=8)
+    state2.validate_config(config, num_devices=8)
     sc = state2.build_step_config(config)
     mesh = parallel.create_mesh()
     frozen, _ = state2.load_frozen(config, sc, mesh)
@@ -115,7 +115,7 @@ def test_image_conditioning_prefixes_the_cond_stage_codes(tokenizer_workdir):
     assert abs(float(loss) - math.log(16)) < 0.5
     config.model.block_size = 18
     with pytest.raises(ValueError, match="config.model.block_size=18 is shorter.*>= 19"):
-        T.validate_config(config, num_devices=8)
+        state2.validate_config(config, num_devices=8)
 
 
 @pytest.mark.parametrize("update, message", [
@@ -131,7 +131,7 @@ def test_bad_config_fails_naming_the_field(update, message, tokenizer_workdir, t
         update = dict(tokenizer_workdir=str(tmp_path / "never_trained"))
     config.update(update)
     with pytest.raises(ValueError, match=message):
-        T.validate_config(config, num_devices=4)
+        state2.validate_config(config, num_devices=4)
 
 
 def test_train_resume_and_sample_cli(gpt_run, tmp_path):

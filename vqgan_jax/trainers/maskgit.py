@@ -11,8 +11,6 @@ replaced by the null class with ``class_drop_prob`` (classifier-free guidance, H
 """
 
 import functools
-import math
-import os
 from typing import Any
 
 import jax
@@ -20,16 +18,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 
-from vqgan_jax import metrics as metrics_lib, workdir as workdir_lib
-from vqgan_jax.data import sources
+from vqgan_jax import metrics as metrics_lib
 from vqgan_jax.samplers import maskgit as maskgit_sampler
 from vqgan_jax.samplers.autoregressive import image_grid
-from vqgan_jax.state.maskgit import (StepConfig, TrainState, build_step_config, init_state,
-                                     load_frozen, validate_config)
+from vqgan_jax.state import maskgit as stage_state
+from vqgan_jax.state.maskgit import StepConfig, TrainState
 from vqgan_jax.trainers import loop
-from vqgan_jax.trainers.transformer import encode_codes
+from vqgan_jax.trainers.transformer import encode_codes, run_stage2
 
 
 # ----------------------------------------------------------------------------- masking
@@ -229,38 +225,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         before anything compiles.
       FloatingPointError: after ``config.max_consecutive_nonfinite`` non-finite steps in a row.
     """
-    config = ml_collections.ConfigDict(config.to_dict())
-    if config.tokenizer_workdir:  # saved absolute, so samplers find it from anywhere
-        config.tokenizer_workdir = workdir_lib.absolute(config.tokenizer_workdir)
-    validate_config(config, jax.device_count())
-    train_source = sources.get_source(config.dataset, config.train_split, data_dir=config.data_dir)
-    if config.conditioning == "class" and train_source.num_classes > config.num_classes:
-        raise ValueError(f"config.num_classes={config.num_classes} but {config.dataset!r} has "
-                         f"{train_source.num_classes} classes; set config.num_classes to at "
-                         "least that.")
-    sc = build_step_config(config)
-    check_sample_config(config, sc)
-    codes_per_step = config.batch_size * math.prod(sc.grid)
-
-    def make_job(mesh, rules, workdir):
-        params = jax.eval_shape(functools.partial(init_state, sc=sc), jax.random.key(0)).params
-        logging.info("MaskGIT with %.2fM parameters; %s conditioning, %dx%d codes of %d",
-                     sum(x.size for x in jax.tree.leaves(params)) / 1e6, config.conditioning,
-                     *sc.grid, sc.model.vocab_size)
-        frozen, frozen_shardings = load_frozen(config, sc, mesh)
-
-        def finish(state, step, summary, writer):
-            summary["step"] = step
-            if jax.process_index() == 0:
-                workdir_lib.write_json(os.path.join(workdir, "metrics.json"), summary)
-            grid = _sample_grid(state.params, frozen, sc, config, jax.random.key(config.seed))
-            if grid is not None:
-                loop.write_picture(writer, workdir, step, "samples", "samples.png", grid)
-            return summary
-
-        return loop.Job(
-            init=functools.partial(init_state, sc=sc), frozen=frozen, finish=finish,
-            jit_step=lambda _, shardings: jit_train_step(sc, mesh, shardings, frozen_shardings),
-            batch_fields=("image", "label"),
-            extra_scalars=lambda n, seconds: dict(codes_per_s=n * codes_per_step / seconds))
-    return loop.run_job(config, workdir, train_source, make_job)
+    return run_stage2(
+        config, workdir, stage_state, jit_train_step, _sample_grid, check=check_sample_config,
+        describe=lambda sc, config: f"MaskGIT; {config.conditioning} conditioning, "
+        f"{sc.grid[0]}x{sc.grid[1]} codes of {sc.model.vocab_size}")

@@ -26,8 +26,8 @@ from absl import logging
 from vqgan_jax import metrics as metrics_lib, workdir as workdir_lib
 from vqgan_jax.data import sources
 from vqgan_jax.samplers.autoregressive import class_rows, image_grid, sample_images
-from vqgan_jax.state.transformer import (StepConfig, TrainState, build_step_config, init_state,
-                                         load_frozen, validate_config)
+from vqgan_jax.state import transformer as stage_state
+from vqgan_jax.state.transformer import StepConfig, TrainState
 from vqgan_jax.trainers import loop
 
 
@@ -156,37 +156,59 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       ValueError: for a config field or dataset that cannot work, before anything compiles.
       FloatingPointError: after ``config.max_consecutive_nonfinite`` non-finite steps in a row.
     """
+    return run_stage2(
+        config, workdir, stage_state, jit_train_step, _sample_grid,
+        describe=lambda sc, config: f"GPT; {config.conditioning} conditioning, "
+        f"{sc.conditioning.prefix_length} prefix + {math.prod(sc.grid)} codes")
+
+
+def run_stage2(config: ml_collections.ConfigDict, workdir: str, state_module: Any,
+               jit_train_step: Any, sample_grid: Any, describe: Any,
+               check: Any = None) -> dict[str, float]:
+    """The job both stage-2 generators run through :func:`loop.run_job` (this module's GPT and
+    :mod:`vqgan_jax.trainers.maskgit`), given the stage's ``state_module`` (its
+    ``validate_config``, ``build_step_config``, ``init_state`` and ``load_frozen``), its
+    ``jit_train_step(sc, mesh, state_shardings, frozen_shardings)``, its ``sample_grid(params,
+    frozen, sc, config, rng)`` (uint8 picture or None) and ``describe(sc, config)`` (the log
+    line's model summary); ``check(config, sc)``, if given, runs before anything compiles.
+
+    The tokenizer workdirs are saved absolute (the sample CLI finds them from anywhere); the
+    dataset must not have more classes than ``config.num_classes`` (class mode). At the end:
+    ``metrics.json`` (the last logged train metrics and ``step``) and ``samples.png``.
+    """
     config = ml_collections.ConfigDict(config.to_dict())
     for field in ("tokenizer_workdir", "cond_tokenizer_workdir"):
-        if config[field]:  # saved absolute, so the sample CLI finds them from anywhere
+        if config.get(field):
             config[field] = workdir_lib.absolute(config[field])
-    validate_config(config, jax.device_count())
+    state_module.validate_config(config, jax.device_count())
     train_source = sources.get_source(config.dataset, config.train_split, data_dir=config.data_dir)
     if config.conditioning == "class" and train_source.num_classes > config.num_classes:
         raise ValueError(f"config.num_classes={config.num_classes} but {config.dataset!r} has "
                          f"{train_source.num_classes} classes; set config.num_classes to at "
                          "least that.")
-    sc = build_step_config(config)
+    sc = state_module.build_step_config(config)
+    if check is not None:
+        check(config, sc)
     codes_per_step = config.batch_size * math.prod(sc.grid)
+    init = functools.partial(state_module.init_state, sc=sc)
 
     def make_job(mesh, rules, workdir):
-        params = jax.eval_shape(functools.partial(init_state, sc=sc), jax.random.key(0)).params
-        logging.info("GPT with %.2fM parameters; %s conditioning, %d prefix + %d codes",
-                     sum(x.size for x in jax.tree.leaves(params)) / 1e6, config.conditioning,
-                     sc.conditioning.prefix_length, math.prod(sc.grid))
-        frozen, frozen_shardings = load_frozen(config, sc, mesh)
+        params = jax.eval_shape(init, jax.random.key(0)).params
+        logging.info("%s; %.2fM parameters", describe(sc, config),
+                     sum(x.size for x in jax.tree.leaves(params)) / 1e6)
+        frozen, frozen_shardings = state_module.load_frozen(config, sc, mesh)
 
         def finish(state, step, summary, writer):
             summary["step"] = step
             if jax.process_index() == 0:
                 workdir_lib.write_json(os.path.join(workdir, "metrics.json"), summary)
-            grid = _sample_grid(state.params, frozen, sc, config, jax.random.key(config.seed))
+            grid = sample_grid(state.params, frozen, sc, config, jax.random.key(config.seed))
             if grid is not None:
                 loop.write_picture(writer, workdir, step, "samples", "samples.png", grid)
             return summary
 
         return loop.Job(
-            init=functools.partial(init_state, sc=sc), frozen=frozen, finish=finish,
+            init=init, frozen=frozen, finish=finish,
             jit_step=lambda _, shardings: jit_train_step(sc, mesh, shardings, frozen_shardings),
             batch_fields=("image", "label"),
             extra_scalars=lambda n, seconds: dict(codes_per_s=n * codes_per_step / seconds))
