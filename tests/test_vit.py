@@ -306,7 +306,7 @@ def test_stage2_reads_a_vit_tokenizer_workdir(tmp_path, ema_decay):
     gpt_config = load_config("demo_transformer")
     gpt_config.update(tokenizer_workdir=str(tmp_path), image_size=16, num_classes=2)
     gpt_config.model.update(block_size=16, n_layer=1, n_head=2, n_embd=16)
-    stage2.validate_config(gpt_config, num_devices=1)
+    state2.validate_config(gpt_config, num_devices=1)
     sc = state2.build_step_config(gpt_config)
     assert isinstance(sc.vq, ViTVQModel) and sc.grid == (4, 4) and sc.gpt.vocab_size == 32
     mesh = parallel.create_mesh(devices=jax.devices()[:1])
