@@ -29,7 +29,7 @@ $(TEST_STAMP): $(STAMP)
 # 1. the demo tokenizer (configs/demo.py): reconstructions.png, metrics.json;
 # 2. a class-conditional GPT over its codes, a class per training photo
 #    (configs/demo_transformer.py, workdir runs/demo/transformer): samples.png, a row per class;
-# 3. a 16x48-code sliding-window sample, one per class: large_sample.png.
+# 3. a 16x32-code sliding-window sample, one per class: large_sample.png.
 demo: $(STAMP)
 	@set -e; t0=$(now); \
 	$(BIN)/python -m vqgan_jax.main --config=configs/demo.py --workdir=runs/demo; \
@@ -39,7 +39,7 @@ demo: $(STAMP)
 	s2=$(call since,$$t0); t0=$(now); \
 	cp runs/demo/transformer/samples.png runs/demo/samples.png; \
 	$(BIN)/python -m vqgan_jax.sample --workdir=runs/demo/transformer --class_ids=0,1,2,3,4,5 \
-	    --num=1 --height=16 --width=48 --top_k=100 --top_p=0.95 --out=runs/demo/large_sample.png; \
+	    --num=1 --height=16 --width=32 --top_k=100 --top_p=0.95 --out=runs/demo/large_sample.png; \
 	s3=$(call since,$$t0); \
 	{ echo "make demo wall times on $$(nproc) cores of $$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs):"; \
 	  echo "  install (when .venv was made): $$(cat $(VENV)/.install_seconds 2>/dev/null || echo '?') s"; \
