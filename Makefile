@@ -48,10 +48,10 @@ demo: $(STAMP)
 	  echo "  sliding-window sample:         $$s3 s"; } | tee runs/demo/demo_times.txt
 
 # After `make demo` (it needs the demo tokenizer in runs/demo): a class-conditional MaskGIT over
-# the same codes (configs/demo_maskgit.py, workdir runs/demo/maskgit, the GPT's size and step
-# count), its samples.png copied to runs/demo/maskgit_samples.png; prints its wall time.
-# A target of its own because `make demo` fits its 15 minutes only barely (install 45 s,
-# stage 1 508 s, stage 2 161 s, sliding window 40 s on the 2-core machine of BENCHMARKS.md).
+# the same codes (configs/demo_maskgit.py, workdir runs/demo/maskgit, the GPT's size and
+# batch, 300 steps), its samples.png copied to runs/demo/maskgit_samples.png; prints its wall time.
+# A target of its own because `make demo` fills most of its 15 minutes (install 65 s, stage 1
+# 509 s, stage 2 168 s, sliding window 63 s: 13 min 25 s on one of the slower 2-core machines).
 demo-maskgit: $(STAMP)
 	@set -e; test -d runs/demo/checkpoints || { echo "run make demo first (no runs/demo)"; exit 1; }; \
 	t0=$(now); \
