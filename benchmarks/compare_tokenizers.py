@@ -3,12 +3,12 @@
     python benchmarks/compare_tokenizers.py --workdir=/tmp/compare --steps=300
 
 Trains each variant below with ``python -m vqgan_jax.main`` for the same ``--steps`` (same
-data, crops, batch and seed) into ``--workdir/<name>`` (an existing run there resumes, so a cut
-run can be finished), then prints a markdown table of the held-out metrics each run wrote
-(``metrics.json``: PSNR, SSIM, LPIPS, codebook usage on the held-out photos chelsea and
-coffee) with the median train step time, writes ``--workdir/comparison.png`` (a row per
-held-out photo: the original, then each variant's reconstruction) and, last, a JSON object
-with every figure. Kept out of the test suite: about half an hour on 2 CPU cores.
+data, crops, ``--batch_size``, default 8, and seed) into ``--workdir/<name>`` (an existing run
+there resumes, so a cut run can be finished), then prints a markdown table of the held-out
+metrics each run wrote (``metrics.json``: PSNR, SSIM, LPIPS, codebook usage on the held-out
+photos chelsea and coffee) with the median train step time, writes
+``--workdir/comparison.png`` (a row per held-out photo: the original, then each variant's
+reconstruction) and, last, a JSON object with every figure. Kept out of the test suite: about half an hour on 2 CPU cores.
 
 The variants:
 
@@ -35,6 +35,8 @@ from absl import app, flags
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the runs.", required=True)
 _STEPS = flags.DEFINE_integer("steps", 300, "Train steps of every variant.")
 _DISC_START = flags.DEFINE_integer("disc_start", 150, "vqgan_full: step the PatchGAN starts.")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Batch of every variant (configs/demo.py trains at "
+                              "4, vitvqgan_demo.py at 8: one batch keeps them comparable).")
 _ONLY = flags.DEFINE_list("only", [], "Run only these variants (default: all).")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -58,7 +60,8 @@ def train(name: str, workdir: pathlib.Path) -> None:
         overrides = overrides + [f"--config.loss.disc_start={_DISC_START.value}"]
     cmd = [sys.executable, "-m", "vqgan_jax.main", f"--config={ROOT / 'configs' / config}.py",
            f"--workdir={workdir}", f"--config.num_train_steps={_STEPS.value}",
-           "--config.checkpoint_every_steps=100000", *overrides]
+           f"--config.batch_size={_BATCH.value}", "--config.checkpoint_every_steps=100000",
+           *overrides]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL,
                    stderr=open(workdir.parent / f"{name}.log", "w"))
