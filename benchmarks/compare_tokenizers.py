@@ -8,7 +8,8 @@ there resumes, so a cut run can be finished), then prints a markdown table of th
 metrics each run wrote (``metrics.json``: PSNR, SSIM, LPIPS, codebook usage on the held-out
 photos chelsea and coffee) with the median train step time, writes
 ``--workdir/comparison.png`` (a row per held-out photo: the original, then each variant's
-reconstruction) and, last, a JSON object with every figure. Kept out of the test suite: about half an hour on 2 CPU cores.
+reconstruction) and, last, a JSON object with every figure. Kept out of the test suite: about
+half an hour on 2 CPU cores.
 
 The variants:
 
