@@ -16,8 +16,9 @@ def get_config():
     c.image_size = 64
     c.min_crop_scale = 0.25
     c.batch_size = 8
-    # 200 steps: 300 reached 6.83 bits per code (200: ~7.2) but cost ~70 s more on the slower
-    # 2-core machines, where `make demo` would not fit 15 minutes.
+    # 200 steps: 6.64 bits per code over the batch-4 demo tokenizer (300 steps over the batch-8
+    # one: 6.83); 100 steps more cost ~70 s on the slower 2-core machines, where `make demo`
+    # would not fit 15 minutes (BENCHMARKS.md).
     c.num_train_steps = 200
     c.conditioning = "class"
     c.num_classes = 6                   # the demo's six training photos
