@@ -22,6 +22,22 @@ ALL_CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.py"))
 CONFIGS = [n for n in ALL_CONFIGS if load_config(n).stage == "tokenizer"]
 
 
+def _distinct_at_tiny_size(names: list[str]) -> list[str]:
+    """The configs whose shrunk form differs from every earlier one's: a recipe that differs
+    only in what ``shrink`` overrides (imagenet_f16_16384: n_embed) would step the very same
+    program again."""
+    kept, seen = [], set()
+    for name in names:
+        key = repr(sorted(shrink(load_config(name)).to_dict().items()))
+        if key not in seen:
+            kept.append(name)
+            seen.add(key)
+    return kept
+
+
+STEP_CONFIGS = _distinct_at_tiny_size(CONFIGS)
+
+
 def test_the_configs_we_document_exist_and_every_stage_is_known():
     assert {"demo", "imagenet_f16", "imagenet_f16_16384"} <= set(CONFIGS)
     assert {"demo_transformer", "imagenet_cond_transformer"} <= set(ALL_CONFIGS)
@@ -32,13 +48,25 @@ def test_the_configs_we_document_exist_and_every_stage_is_known():
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_config_trains_one_step_at_tiny_size(name):
+def test_config_is_consistent_at_full_and_tiny_size(name):
     config = load_config(name)
     for field in ("dataset", "batch_size", "image_size", "num_train_steps"):
         assert field in config, field
     assert config.stage in main.STAGES
     T.validate_config(config, num_devices=1)  # the real recipe is consistent
-    config = shrink(config)
+    T.validate_config(shrink(config), num_devices=1)
+
+
+def test_every_config_is_stepped_or_shrinks_to_one_that_is():
+    assert "imagenet_f16_16384" not in STEP_CONFIGS and "imagenet_f16" in STEP_CONFIGS
+    stepped = {repr(sorted(shrink(load_config(n)).to_dict().items())) for n in STEP_CONFIGS}
+    for name in CONFIGS:
+        assert repr(sorted(shrink(load_config(name)).to_dict().items())) in stepped, name
+
+
+@pytest.mark.parametrize("name", STEP_CONFIGS)
+def test_config_trains_one_step_at_tiny_size(name):
+    config = shrink(load_config(name))
     T.validate_config(config, num_devices=1)
     sc = state1.build_step_config(config)
     mesh = parallel.create_mesh(devices=jax.devices()[:1])

@@ -42,7 +42,7 @@ def make_folder(root: pathlib.Path) -> pathlib.Path:
 
 
 @pytest.mark.start_early
-def test_main_on_tfds_mock_imagenet(tmp_path):
+def test_main_on_tfds_mock_imagenet(tmp_path, one_device):
     import tensorflow_datasets as tfds
     from conftest import load_config, shrink
     from vqgan_jax.trainers import tokenizer
@@ -51,8 +51,8 @@ def test_main_on_tfds_mock_imagenet(tmp_path):
     config.update(num_train_steps=2, log_every_steps=1, checkpoint_every_steps=2,
                   num_eval_images=2, eval_every_steps=100)  # one save (data state included)
     config.loss.perceptual_weight = 0.0  # the data path is under test, not LPIPS (see TINY)
-    # In-process, the job sees conftest's 8 simulated devices: shrink's global batch of 8 is
-    # one image a device on the (8 data x 1 fsdp) mesh.
+    # In-process on one device (conftest.one_device): the tfds data path is under test, not the
+    # mesh (8 simulated devices cost ~1.5x here; tests/test_sharding.py tests the meshes).
     with tfds.testing.mock_data(num_examples=8, policy=tfds.testing.MockPolicy.USE_CODE):
         metrics = tokenizer.train_and_evaluate(config, str(tmp_path))
     assert metrics["num_images"] == 2 and np.isfinite(metrics["psnr"])

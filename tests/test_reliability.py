@@ -134,7 +134,7 @@ def test_nonfinite_step_is_skipped_for_both_models(lpips_params):  # noqa: F811
 
 
 def test_consecutive_nonfinite_steps_stop_the_run_keeping_the_last_good_checkpoint(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, one_device):
     config = shrink(load_config("demo"))
     config.update(num_train_steps=20, checkpoint_every_steps=2, log_every_steps=1,
                   eval_every_steps=1000, num_eval_images=1, max_consecutive_nonfinite=3)
