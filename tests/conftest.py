@@ -101,10 +101,10 @@ def inception_weights(tmp_path_factory) -> str:
 def one_device(monkeypatch):
     """The job sees one device instead of conftest's eight simulated ones: ``jax.devices()``,
     ``jax.local_devices()`` and their counts give the first device only, for in-process runs of
-    a whole job (its default mesh is every device) whose subject is not the device count. On
-    this 2-core CPU, eight simulated devices make such a run ~1.5x as costly (the tfds-mock
-    job: 51 s -> 31 s on one). The multi-device paths have their own tests (test_sharding.py,
-    the 8-vs-1-device step, test_multihost.py)."""
+    a whole job (its default mesh is every device) whose subject is not the device count: on
+    2 CPU cores eight simulated devices make such a run cost more (BENCHMARKS.md, the test
+    suite). The multi-device paths have their own tests (test_sharding.py, the 8-vs-1-device
+    step, test_multihost.py)."""
     first = jax.devices()[:1]
     for name in ("devices", "local_devices"):
         monkeypatch.setattr(jax, name, lambda *args, **kwargs: list(first))

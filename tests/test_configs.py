@@ -22,13 +22,18 @@ ALL_CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.py"))
 CONFIGS = [n for n in ALL_CONFIGS if load_config(n).stage == "tokenizer"]
 
 
+def _tiny_form(name: str) -> str:
+    """configs/<name>.py after ``shrink``, as comparable text."""
+    return repr(sorted(shrink(load_config(name)).to_dict().items()))
+
+
 def _distinct_at_tiny_size(names: list[str]) -> list[str]:
     """The configs whose shrunk form differs from every earlier one's: a recipe that differs
     only in what ``shrink`` overrides (imagenet_f16_16384: n_embed) would step the very same
     program again."""
     kept, seen = [], set()
     for name in names:
-        key = repr(sorted(shrink(load_config(name)).to_dict().items()))
+        key = _tiny_form(name)
         if key not in seen:
             kept.append(name)
             seen.add(key)
@@ -59,9 +64,9 @@ def test_config_is_consistent_at_full_and_tiny_size(name):
 
 def test_every_config_is_stepped_or_shrinks_to_one_that_is():
     assert "imagenet_f16_16384" not in STEP_CONFIGS and "imagenet_f16" in STEP_CONFIGS
-    stepped = {repr(sorted(shrink(load_config(n)).to_dict().items())) for n in STEP_CONFIGS}
+    stepped = {_tiny_form(n) for n in STEP_CONFIGS}
     for name in CONFIGS:
-        assert repr(sorted(shrink(load_config(name)).to_dict().items())) in stepped, name
+        assert _tiny_form(name) in stepped, name
 
 
 @pytest.mark.parametrize("name", STEP_CONFIGS)

@@ -52,7 +52,7 @@ def test_main_on_tfds_mock_imagenet(tmp_path, one_device):
                   num_eval_images=2, eval_every_steps=100)  # one save (data state included)
     config.loss.perceptual_weight = 0.0  # the data path is under test, not LPIPS (see TINY)
     # In-process on one device (conftest.one_device): the tfds data path is under test, not the
-    # mesh (8 simulated devices cost ~1.5x here; tests/test_sharding.py tests the meshes).
+    # mesh (tests/test_sharding.py tests the meshes).
     with tfds.testing.mock_data(num_examples=8, policy=tfds.testing.MockPolicy.USE_CODE):
         metrics = tokenizer.train_and_evaluate(config, str(tmp_path))
     assert metrics["num_images"] == 2 and np.isfinite(metrics["psnr"])
