@@ -8,6 +8,13 @@ SHELL := /bin/bash
 now = $$(date +%s)
 since = $$(( $$(date +%s) - $(1) ))
 
+# pip installs with --no-compile: byte-compiling every file of every dependency (torch, jax,
+# tensorflow-datasets) took more of the install than the install itself (BENCHMARKS.md, the
+# test suite); Python writes the .pyc of what is imported on its first import instead, which
+# needs PYTHONDONTWRITEBYTECODE out of the commands' environment.
+unexport PYTHONDONTWRITEBYTECODE
+PIP_INSTALL = $(BIN)/pip install -q --no-compile
+
 .PHONY: demo demo-maskgit test install clean
 
 install: $(STAMP)
@@ -16,12 +23,12 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	@t0=$(now); \
 	$(PYTHON) -m venv $(VENV) && $(BIN)/pip install -q --upgrade pip && \
-	$(BIN)/pip install -q -e . && echo $(call since,$$t0) > $(VENV)/.install_seconds
+	$(PIP_INSTALL) -e . && echo $(call since,$$t0) > $(VENV)/.install_seconds
 	touch $@
 
 # The test extra on top (pytest, xdist and the CPU build of PyTorch for the interop tests).
 $(TEST_STAMP): $(STAMP)
-	$(BIN)/pip install -q -e '.[test]'
+	$(PIP_INSTALL) -e '.[test]'
 	touch $@
 
 # The whole demo into runs/demo, on the photos bundled with scikit-image (re-running resumes
