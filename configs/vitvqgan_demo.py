@@ -1,6 +1,6 @@
 """A ViT-VQGAN (Yu et al. 2021) small enough to train on 2 CPU cores in minutes, on the demo
-photos of configs/demo.py (same data, crops, batch, steps and optimizer), to compare with the
-conv tokenizer there.
+photos (`config.dataset = "demo"`, as configs/demo.py; its own crops, batch 8, 650 steps and
+lr 5e-4), to compare with the conv tokenizer there.
 
     python -m vqgan_jax.main --config=configs/vitvqgan_demo.py --workdir=runs/vitvqgan_demo
 
@@ -10,9 +10,8 @@ either (with 8x8 patches a 64x64 crop is an 8x8 grid, f8). Encoder and decoder: 
 blocks of width 128 (4 heads, MLP 256) each; 1024 l2-normalized 8-dimensional codes as in
 configs/demo.py (the paper: 8192 of 32).
 
-Loss: the paper's reconstruction terms (1.0 L2 + 0.1 logit-Laplace) + L_VQ; as in
-configs/demo.py, LPIPS (0.1 in the paper) and the adversarial term are left out of a
-few-minute run for step time; the StyleGAN2 discriminator is configured (small) and switches
+Loss: the paper's reconstruction terms (1.0 L2 + 0.1 logit-Laplace) + L_VQ; LPIPS (0.1 in
+the paper) and the adversarial term are left out of a few-minute run for step time; the StyleGAN2 discriminator is configured (small) and switches
 on with --config.loss.disc_start=N, LPIPS with --config.loss.perceptual_weight=0.1.
 """
 
@@ -30,11 +29,11 @@ def get_config():
     c.num_train_steps = 650
     c.disc.update(kind="stylegan", channel_base=2048, channel_max=128)
     c.loss.update(
-        disc_start=100_000,             # off within the demo's steps (see configs/demo.py)
+        disc_start=100_000,             # off within the demo's steps
         disc_weight=0.1, adaptive_disc_weight=False,
         disc_loss="non_saturating", gen_loss="non_saturating",
         l1_weight=0.0, l2_weight=1.0, logit_laplace_weight=0.1, perceptual_weight=0.0)
-    c.optimizer.base_learning_rate = 5e-4 / 8    # lr 5e-4 at batch 8, as configs/demo.py
+    c.optimizer.base_learning_rate = 5e-4 / 8    # lr 5e-4 at batch 8
     c.optimizer.b1 = 0.9
     c.optimizer.b2 = 0.99
     c.log_every_steps = 25
