@@ -11,8 +11,9 @@ blocks of width 128 (4 heads, MLP 256) each; 1024 l2-normalized 8-dimensional co
 configs/demo.py (the paper: 8192 of 32).
 
 Loss: the paper's reconstruction terms (1.0 L2 + 0.1 logit-Laplace) + L_VQ; LPIPS (0.1 in
-the paper) and the adversarial term are left out of a few-minute run for step time; the StyleGAN2 discriminator is configured (small) and switches
-on with --config.loss.disc_start=N, LPIPS with --config.loss.perceptual_weight=0.1.
+the paper) and the adversarial term are left out of a few-minute run for step time; the
+StyleGAN2 discriminator is configured (small) and switches on with
+--config.loss.disc_start=N, LPIPS with --config.loss.perceptual_weight=0.1.
 """
 
 from vqgan_jax.config_base import tokenizer_config
