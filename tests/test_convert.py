@@ -28,7 +28,7 @@ from vqgan_jax.state import transformer as state2  # noqa: E402
 
 TOL = 1e-4  # max |ours - torch| / max |torch|
 
-# The tiny stage-1 recipe (tests/conftest.shrink of imagenet_f16), as command-line overrides.
+# The tiny stage-1 recipe (tiny_tokenizer_config below), as command-line overrides.
 TOKENIZER_FLAGS = ["image_size=32", "model.ch=32", "model.ch_mult=(1,2)",
                    "model.num_res_blocks=1", "model.attn_resolutions=(16,)",
                    "model.z_channels=8", "model.embed_dim=8", "model.n_embed=64",
@@ -38,7 +38,11 @@ NUM_CLASSES = 10
 
 
 def tiny_tokenizer_config():
-    return shrink(load_config("imagenet_f16"))
+    """shrink(imagenet_f16) with two levels and attention at 16, as TOKENIZER_FLAGS: the
+    conversion maps every kind of taming module (Downsample, Upsample, AttnBlock by level)."""
+    config = shrink(load_config("imagenet_f16"))
+    config.model.update(ch_mult=(1, 2), attn_resolutions=(16,))
+    return config
 
 
 def tiny_transformer_config():

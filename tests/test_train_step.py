@@ -147,7 +147,7 @@ def test_train_step_on_8_devices_equals_1_device(lpips_params):
         state, metrics = step(state, batch, lpips_params)
         results.append((jax.device_get(state), jax.device_get(metrics)))
         if shape == (4, 2):  # FSDP really shards: a decoder kernel is split over 'fsdp'.
-            assert "fsdp" in state.g_params["decoder"]["up_1_block_0"]["conv1"]["kernel"].sharding.spec
+            assert "fsdp" in state.g_params["decoder"]["up_0_block_0"]["conv1"]["kernel"].sharding.spec
     (s1, m1), (s8, m8) = results
     for k in m1:
         np.testing.assert_allclose(m8[k], m1[k], rtol=1e-5, atol=1e-7, err_msg=k)
