@@ -107,9 +107,12 @@ def main(argv):
               **config.model.to_dict())
     if num_codes > gpt.block_size:
         raise ValueError(f"--grid={_GRID.value} needs block_size >= {num_codes}.")
+    t = time.perf_counter()
     params = jax.jit(lambda key: nn.meta.unbox(gpt.init(
         key, jnp.zeros((1, gpt.block_size), jnp.int32))["params"]))(jax.random.key(0))
     n_params = sum(x.size for x in jax.tree.leaves(params))
+    jax.block_until_ready(params)
+    print(f"init: {n_params} parameters in {time.perf_counter() - t:.1f} s", flush=True)
     result = dict(device=jax.devices()[0].device_kind, num_codes=num_codes, n_params=n_params,
                   codes_per_s={}, seconds={}, compile_s={}, cache_speedup={})
     for b in [int(x) for x in _BATCHES.value]:
@@ -122,6 +125,7 @@ def main(argv):
                 params, prefix, jax.random.key(0), gpt=gpt, num_codes=num_codes,
                 top_k=_TOP_K.value, top_p=_TOP_P.value, use_cache=use_cache).compile()
             result["compile_s"][name] = round(time.perf_counter() - t, 2)
+            print(f"{name}: compiled in {result['compile_s'][name]} s", flush=True)
             best = float("inf")
             for r in range(_REPEATS.value):
                 t = time.perf_counter()

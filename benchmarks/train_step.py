@@ -13,15 +13,16 @@ so the fused step's saving is a ratio taken on the same machine. The XLA flags i
 (``xla_flags``) are in the JSON.
 
 The last line printed is a JSON object: ``img_per_s``, ``step_ms``, ``tflop_per_image``
-(XLA's count for the compiled step, per image), ``achieved_tflops`` and its alias ``tflops``,
+(XLA's cost analysis of the step as traced, before optimisation, per image:
+:func:`stage1_step.hlo_flops`; ``flops_source`` says "compiled" where a backend gives no such
+count), ``compiled_tflop_per_image`` (XLA's count for the compiled program: on a GPU it leaves
+out the convolutions run by cuDNN), ``achieved_tflops`` and its alias ``tflops``,
 ``mfu``, ``peak_tflops``, ``dtype``, ``compile_s``, ``batch_size``, ``variant``, ``device``,
 ``num_devices``, ``mesh``, ``xla_flags``, ``memory`` (the compiled step's per-device bytes,
 :func:`vqgan_jax.trainers.loop.compile_stats`).
 
 MFU (model FLOPs utilisation) = FLOPs per device per second / the device's peak, with the
-FLOPs from XLA's cost analysis of the compiled step (the partitioned program one device runs;
-``tflop_per_image`` and ``achieved_tflops`` multiply it by the device count, which counts work
-that a mesh replicates, e.g. over an unused tensor axis, more than once) and the peak from
+FLOPs of the whole traced step (the global batch) divided by the device count, and the peak from
 :data:`PEAK_TFLOPS`: dense (no 2:4 sparsity) tensor-core peaks; for ``--dtype=float32``
 the TF32 peak of GPUs (XLA runs float32 matmuls and convolutions in TF32 on A100/H100 unless
 ``jax_default_matmul_precision=highest``) and the bf16 peak of TPUs (default precision passes
@@ -102,7 +103,9 @@ def main(argv):
     compiled = stage1_step.compile_step(s, step, f"{_VARIANT.value} step")
     compile_s = time.perf_counter() - t0
     stats = loop.compile_stats(compiled)
-    flops = stats["flops"] * jax.device_count()  # the cost analysis is per device
+    compiled_flops = stats["flops"] * jax.device_count()  # the cost analysis is per device
+    traced_flops = stage1_step.hlo_flops(s, step)
+    flops = traced_flops or compiled_flops
     device = jax.devices()[0].device_kind
     peak = peak_tflops(device, config.dtype)
     result = dict(variant=_VARIANT.value, batch_size=config.batch_size, image_size=size,
@@ -110,6 +113,8 @@ def main(argv):
                   mesh=dict(s.mesh.shape), xla_flags=os.environ.get("XLA_FLAGS", ""),
                   compile_s=round(compile_s, 2),
                   tflop_per_image=flops / config.batch_size / 1e12,
+                  flops_source="traced" if traced_flops else "compiled",
+                  compiled_tflop_per_image=compiled_flops / config.batch_size / 1e12,
                   memory={k: stats[k] for k in ("argument_bytes", "output_bytes", "alias_bytes",
                                                 "temp_bytes", "generated_code_bytes")},
                   peak_tflops=peak, step_ms=None, img_per_s=None, achieved_tflops=None,
