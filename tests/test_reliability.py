@@ -25,10 +25,12 @@ from vqgan_jax.trainers import loop
 from vqgan_jax.trainers import tokenizer as T
 
 
-def run(workdir: pathlib.Path, data: pathlib.Path, steps: int, fault: str | None = None):
+def run(workdir: pathlib.Path, data: pathlib.Path, steps: int, fault: str | None = None,
+        log_compiles: bool = False):
     """``python -m vqgan_jax.main`` on the folder ``data``, run from workdir's parent with a
-    relative --workdir (as a user would type it); evaluation every 2 steps."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    relative --workdir (as a user would type it); evaluation every 2 steps. ``log_compiles``:
+    JAX names every program it compiles (or loads from the cache) in stderr."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_LOG_COMPILES=str(int(log_compiles)))
     env.pop(loop.FAULT_ENV, None)
     if fault:
         env[loop.FAULT_ENV] = fault
@@ -96,9 +98,11 @@ def test_killed_preempted_and_resumed_run_is_bit_identical_to_a_straight_run(tmp
     partial = broken / "checkpoints" / "6.orbax-checkpoint-tmp-1234567"
     (partial / "state").mkdir(parents=True)
     (partial / "state" / "half_written").write_bytes(b"\0" * 100)
-    result = run(broken, data, 7)
+    result = run(broken, data, 7, log_compiles=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "from step 5 to 7" in result.stderr
+    # The state is restored onto its shapes: the init program is not built for a resume.
+    assert "jit(train_step)" in result.stderr and "jit(init_state)" not in result.stderr
     assert json.loads((broken / "metrics.json").read_text())["step"] == 7
     # Resumed past disc_start: only the full step is needed, so only it is compiled.
     assert "Compiled train_step in " in result.stderr

@@ -39,10 +39,18 @@ def create_sharded_state(init_fn: Callable[..., Any], rng: jax.Array, mesh: Mesh
       ``(state, shardings)``: the state with every array laid out by
       :func:`vqgan_jax.parallel.state_shardings`, and that pytree of NamedShardings.
     """
-    abstract = jax.eval_shape(functools.partial(init_fn, boxed=True), rng)
-    shardings = parallel.state_shardings(abstract, mesh, rules)
+    shardings = state_shardings(init_fn, rng, mesh, rules)
     state = jax.jit(init_fn, out_shardings=shardings)(rng)
     return state, shardings
+
+
+def state_shardings(init_fn: Callable[..., Any], rng: jax.Array, mesh: Mesh,
+                    rules: parallel.Rules = ()) -> Any:
+    """The NamedShardings :func:`create_sharded_state` lays ``init_fn(rng)`` out with, read
+    from the logical axis names of ``init_fn(rng, boxed=True)``, traced only (nothing is
+    compiled or allocated)."""
+    abstract = jax.eval_shape(functools.partial(init_fn, boxed=True), rng)
+    return parallel.state_shardings(abstract, mesh, rules)
 
 
 def compile_step(step_fn: Any, args: tuple, *, mesh: Mesh, rules: parallel.Rules,
@@ -277,9 +285,14 @@ def run_job(config: Any, workdir: str, train_source: Any,
         train_source, image_size=config.image_size, global_batch_size=config.batch_size,
         seed=config.seed, min_crop_scale=config.min_crop_scale, crop_mode=config.crop_mode)
     job = make_job(mesh, rules, workdir)
-    state, shardings = create_sharded_state(job.init, jax.random.key(config.seed), mesh, rules)
+    rng = jax.random.key(config.seed)
+    shardings = state_shardings(job.init, rng, mesh, rules)
     checkpoints = workdir_lib.RunCheckpoints(workdir, config, train_iter)
-    state = checkpoints.restore_latest(state, shardings)
+    # A resumed run restores onto the state's shapes and shardings without building it first
+    # (the init program, which compiles slowly for a large model, is compiled only for step 0).
+    state = checkpoints.restore_latest(
+        jax.eval_shape(job.init, rng), shardings,
+        init=lambda: jax.jit(job.init, out_shardings=shardings)(rng))
     manager, num_train_steps = checkpoints.manager, config.num_train_steps
     b, size = config.batch_size, config.image_size
     fields = {"image": ((b, size, size, 3), jnp.float32), "label": ((b,), jnp.int32)}
