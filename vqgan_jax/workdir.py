@@ -454,21 +454,20 @@ class RunCheckpoints:
         self._train_iter = train_iter
         self._config = config.to_dict()
 
-    def restore_latest(self, state: Any, shardings: Any,
-                       init: Callable[[], Any] | None = None) -> Any:
-        """The state from the newest intact checkpoint onto ``shardings`` (the data iterator is
-        restored in place); when there is none, ``init()``, or ``state`` itself without
-        ``init``. ``state`` gives the shapes and dtypes only: arrays or ShapeDtypeStructs (then
-        ``init`` builds the fresh state). Newer damaged checkpoints are named in a warning and
-        moved to ``WORKDIR/damaged_checkpoints/``.
+    def restore_latest(self, abstract: Any, shardings: Any, init: Callable[[], Any]) -> Any:
+        """The state from the newest intact checkpoint, restored onto ``abstract`` (its
+        ShapeDtypeStructs, or arrays of those shapes) laid out by ``shardings`` (the data
+        iterator is restored in place); ``init()``, the fresh state, when there is none. Newer
+        damaged checkpoints are named in a warning and moved to
+        ``WORKDIR/damaged_checkpoints/``.
 
         Raises:
           NoIntactCheckpoint: when no checkpoint restores (none is moved).
         """
         steps = self.manager.all_steps()
         if not steps:
-            return init() if init is not None else state
-        target = abstract_like(state, shardings)
+            return init()
+        target = abstract_like(abstract, shardings)
         step, state = restore_newest(
             self.manager.directory,
             lambda s: restore_state(self.manager, s, target, self._train_iter), steps)

@@ -10,6 +10,7 @@ import threading
 import time
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,18 +40,18 @@ def create_sharded_state(init_fn: Callable[..., Any], rng: jax.Array, mesh: Mesh
       ``(state, shardings)``: the state with every array laid out by
       :func:`vqgan_jax.parallel.state_shardings`, and that pytree of NamedShardings.
     """
-    shardings = state_shardings(init_fn, rng, mesh, rules)
+    _, shardings = abstract_sharded_state(init_fn, rng, mesh, rules)
     state = jax.jit(init_fn, out_shardings=shardings)(rng)
     return state, shardings
 
 
-def state_shardings(init_fn: Callable[..., Any], rng: jax.Array, mesh: Mesh,
-                    rules: parallel.Rules = ()) -> Any:
-    """The NamedShardings :func:`create_sharded_state` lays ``init_fn(rng)`` out with, read
-    from the logical axis names of ``init_fn(rng, boxed=True)``, traced only (nothing is
-    compiled or allocated)."""
-    abstract = jax.eval_shape(functools.partial(init_fn, boxed=True), rng)
-    return parallel.state_shardings(abstract, mesh, rules)
+def abstract_sharded_state(init_fn: Callable[..., Any], rng: jax.Array, mesh: Mesh,
+                           rules: parallel.Rules = ()) -> tuple[Any, Any]:
+    """``(abstract, shardings)``: the ShapeDtypeStructs of ``init_fn(rng)`` and the
+    NamedShardings :func:`create_sharded_state` lays it out with, read from the logical axis
+    names of ``init_fn(rng, boxed=True)``; traced once, nothing compiled or allocated."""
+    boxed = jax.eval_shape(functools.partial(init_fn, boxed=True), rng)
+    return nn.meta.unbox(boxed), parallel.state_shardings(boxed, mesh, rules)
 
 
 def compile_step(step_fn: Any, args: tuple, *, mesh: Mesh, rules: parallel.Rules,
@@ -286,13 +287,12 @@ def run_job(config: Any, workdir: str, train_source: Any,
         seed=config.seed, min_crop_scale=config.min_crop_scale, crop_mode=config.crop_mode)
     job = make_job(mesh, rules, workdir)
     rng = jax.random.key(config.seed)
-    shardings = state_shardings(job.init, rng, mesh, rules)
+    abstract, shardings = abstract_sharded_state(job.init, rng, mesh, rules)
     checkpoints = workdir_lib.RunCheckpoints(workdir, config, train_iter)
     # A resumed run restores onto the state's shapes and shardings without building it first
     # (the init program, which compiles slowly for a large model, is compiled only for step 0).
     state = checkpoints.restore_latest(
-        jax.eval_shape(job.init, rng), shardings,
-        init=lambda: jax.jit(job.init, out_shardings=shardings)(rng))
+        abstract, shardings, init=lambda: jax.jit(job.init, out_shardings=shardings)(rng))
     manager, num_train_steps = checkpoints.manager, config.num_train_steps
     b, size = config.batch_size, config.image_size
     fields = {"image": ((b, size, size, 3), jnp.float32), "label": ((b,), jnp.int32)}
