@@ -8,6 +8,7 @@ peer_taming.py import it).
 
 import dataclasses
 import functools
+import time
 from typing import Any
 
 import jax
@@ -78,6 +79,18 @@ def hlo_flops(s: Setup, step) -> float | None:
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else None
     return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def time_steps(step, state, steps: int) -> tuple[float, Any]:
+    """Seconds a step of ``step(state) -> (state, metrics)`` takes, over ``steps`` calls after
+    one warm-up call (all waited for), and the state after them."""
+    state, metrics = step(state)  # warm-up
+    jax.block_until_ready(metrics)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = step(state)
+    jax.block_until_ready((state, metrics))
+    return (time.perf_counter() - t0) / steps, state
 
 
 def compile_step(s: Setup, step, name: str):

@@ -74,14 +74,8 @@ def main(argv):
         batch = parallel.global_batch({"image": next(batches)["image"]}, s.mesh)
         return compiled(state, batch, s.lpips_params)
 
-    state, metrics = step(s.state)  # warm-up
-    jax.block_until_ready(metrics)
-    t0 = time.perf_counter()
-    for _ in range(_CALIBRATION.value):
-        state, metrics = step(state)
-    jax.block_until_ready((state, metrics))
-    step_s = (time.perf_counter() - t0) / _CALIBRATION.value
-    del s, state, compiled, batches
+    step_s, _ = stage1_step.time_steps(step, s.state, _CALIBRATION.value)
+    del s, compiled, batches
 
     steps = max(1, int(_SECONDS.value / step_s))
     config.num_train_steps = steps

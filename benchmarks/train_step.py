@@ -121,13 +121,8 @@ def main(argv):
                   tflops=None, mfu=None,
                   mfu_note=None if peak else f"no peak FLOP/s known for {device!r}: MFU not given")
     if _STEPS.value > 0:
-        state, metrics = compiled(state, batch, lpips_params)  # warm-up
-        jax.block_until_ready(metrics)
-        t0 = time.perf_counter()
-        for _ in range(_STEPS.value):
-            state, metrics = compiled(state, batch, lpips_params)
-        jax.block_until_ready((state, metrics))
-        seconds = (time.perf_counter() - t0) / _STEPS.value
+        seconds, state = stage1_step.time_steps(
+            lambda state: compiled(state, batch, lpips_params), state, _STEPS.value)
         tflops = flops / seconds / 1e12
         result.update(step_ms=1e3 * seconds, img_per_s=config.batch_size / seconds,
                       achieved_tflops=tflops, tflops=tflops,
