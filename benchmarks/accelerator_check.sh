@@ -71,7 +71,8 @@
 #   TINY=1          tiny sizes for a CPU smoke test (tests/test_accelerator_check.py): one train
 #                   batch (1 per device, 16x16 images, an 8-channel model, LPIPS weight 0), the
 #                   peer at the same size on --device=cpu in bfloat16 only, a one-layer GPT on a
-#                   4x4 grid at batch 2; XLA's CPU backend optimisation off (fast compiles).
+#                   4x4 grid at batch 2; XLA's CPU backend optimisation and its fusion emitters
+#                   off (fast compiles).
 #   PYTHON          interpreter (default python3)
 #   WHEELS          wheel folder (default .whl at the repository root)
 #   BUDGET_S        whole-run budget in seconds (default 470); each part's timeout is cut to
@@ -138,7 +139,7 @@ if [[ $TINY == 1 ]]; then
     read -ra PEER_EXTRA <<< "${PEER_ARGS:---device=cpu --batch_size=1 --image_size=16 --steps=1 --warmup=0 ${SMALL[*]}}"
     SAMPLE_BATCHES=${SAMPLE_BATCHES-2}
     read -ra SAMPLE_EXTRA <<< "${SAMPLE_ARGS:---config.model.n_layer=1 --config.model.n_head=2 --config.model.n_embd=32 --config.model.block_size=16 --vocab_size=64 --grid=4 --repeats=1}"
-    export XLA_FLAGS="${XLA_FLAGS:-} --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    export XLA_FLAGS="${XLA_FLAGS:-} --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true --xla_cpu_use_fusion_emitters=false"
 else
     TRAIN_BATCHES=${TRAIN_BATCHES-8 16 32}
     TRAIN_STEPS=${TRAIN_STEPS:-10}

@@ -23,6 +23,12 @@ from vqgan_jax import xla_cpu  # its import appends the package's own CPU flag t
 # speed. A value already named in XLA_FLAGS wins. Set before any backend starts: XLA reads
 # XLA_FLAGS once.
 xla_cpu.add_xla_flag("--xla_backend_optimization_level=0")
+# XLA:CPU's older loop emitter for fused elementwise code instead of its MLIR fusion emitters:
+# a tiny train step compiles in 5.3-6.1 s instead of 7.2-8.4 s, and the process that builds and
+# compiles it takes a quarter less CPU (BENCHMARKS.md, the test suite). Both emit the same
+# float32 arithmetic; the tests compare against references with tolerances from the arithmetic
+# and compare runs with each other under the same flags.
+xla_cpu.add_xla_flag("--xla_cpu_use_fusion_emitters=false")
 
 # Eight simulated CPU devices for the sharding tests; single-device tests use jax.devices()[:1].
 jax.config.update("jax_num_cpu_devices", 8)
