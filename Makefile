@@ -45,7 +45,7 @@ demo: $(STAMP)
 	    --workdir=runs/demo/transformer; \
 	s2=$(call since,$$t0); t0=$(now); \
 	cp runs/demo/transformer/samples.png runs/demo/samples.png; \
-	$(BIN)/python -m vqgan_jax.sample --workdir=runs/demo/transformer --class_ids=0,1,2,3,4,5 \
+	$(BIN)/python -m vqgan_jax.sample --workdir=runs/demo/transformer --class_ids=0,1,2,3,4,5,6,7 \
 	    --num=1 --height=16 --width=32 --top_k=100 --top_p=0.95 --out=runs/demo/large_sample.png; \
 	s3=$(call since,$$t0); \
 	{ echo "make demo wall times on $$(nproc) cores of $$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs):"; \

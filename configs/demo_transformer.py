@@ -2,7 +2,7 @@
 the demo tokenizer (configs/demo.py -> runs/demo). `make demo` runs it second, into
 runs/demo/transformer.
 
-The class is which of the six training photos a crop came from. 64x64 crops -> 16x16 codes of
+The class is which of the eight training photos a crop came from. 64x64 crops -> 16x16 codes of
 the f4 tokenizer; 1 class token + 256 codes; 4 layers of width 128 (1.1M parameters).
 """
 
@@ -21,11 +21,11 @@ def get_config():
     # would not fit 15 minutes (BENCHMARKS.md).
     c.num_train_steps = 200
     c.conditioning = "class"
-    c.num_classes = 6                   # the demo's six training photos
+    c.num_classes = 8                   # the demo's eight training photos
     c.class_drop_prob = 0.1
     c.model.update(block_size=256, n_layer=4, n_head=4, n_embd=128, dropout=0.0)
     c.optimizer.base_learning_rate = 1e-3 / 8   # lr 1e-3 at batch 8
-    c.sample.update(num_per_row=8, max_rows=6, top_k=100, top_p=0.95)
+    c.sample.update(num_per_row=8, max_rows=8, top_k=100, top_p=0.95)
     c.log_every_steps = 25
     c.checkpoint_every_steps = 100
     return c

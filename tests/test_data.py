@@ -66,15 +66,15 @@ def _decoded(source):
 
 def test_demo_source():
     train, val = sources.get_source("demo", "train"), sources.get_source("demo", "validation")
-    assert (len(train), len(val)) == (6, 2)
-    assert (train.num_classes, train.name) == (6, "demo")
+    assert (len(train), len(val)) == (8, 2)
+    assert (train.num_classes, train.name) == (8, "demo")
     for src in (train, val):
         for i in range(len(src)):
             rec = src[i]
             assert rec["image"].dtype == np.uint8 and rec["image"].ndim == 3
             assert rec["image"].shape[2] == 3 and rec["label"] == i
     assert [val[i]["path"] for i in range(2)] == ["skimage.data.chelsea", "skimage.data.coffee"]
-    assert not {train[i]["path"] for i in range(6)} & {val[i]["path"] for i in range(2)}
+    assert not {train[i]["path"] for i in range(8)} & {val[i]["path"] for i in range(2)}
     with pytest.raises(ValueError, match="validation"):
         sources.get_source("demo", "test")
 

@@ -27,7 +27,7 @@ from vqgan_jax.trainers import maskgit as T
 MASKGIT_CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.py")
                          if load_config(p.stem).stage == "maskgit")
 # Embeddings (V + 2 + C) d + (N + 1) d, 12 d^2 + 13 d a block, 2 d final LayerNorm, d V + V head.
-PARAMETER_COUNTS = {"imagenet_maskgit": 172_651_264, "demo_maskgit": 1_090_432}
+PARAMETER_COUNTS = {"imagenet_maskgit": 172_651_264, "demo_maskgit": 1_090_688}
 # Their tokenizers: codebook size and downsampling factor (configs/imagenet_f16.py, demo.py).
 TOKENIZERS = {"imagenet_maskgit": (1024, 16), "demo_maskgit": (1024, 4)}
 EPS = float(np.finfo(np.float32).eps)

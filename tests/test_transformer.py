@@ -30,7 +30,7 @@ TRANSFORMER_CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.py")
                              if load_config(p.stem).stage == "transformer")
 # GPT parameters: 12 C^2 + 13 C a layer, (V + cond tokens) C + block_size C embeddings,
 # 2 C final LayerNorm, C V head.
-PARAMETER_COUNTS = {"imagenet_cond_transformer": 1_412_178_432, "demo_transformer": 1_089_152}
+PARAMETER_COUNTS = {"imagenet_cond_transformer": 1_412_178_432, "demo_transformer": 1_089_408}
 VOCAB = {"imagenet_cond_transformer": 16384, "demo_transformer": 1024}  # their tokenizers'
 
 

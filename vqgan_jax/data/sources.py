@@ -7,7 +7,7 @@ record could not be decoded; the pipeline drops those records and the source cou
 
 ``get_source`` picks the source from the ``config.dataset`` string:
 
-- ``"demo"``: eight colour photos shipped inside scikit-image (no download).
+- ``"demo"``: ten colour photos shipped inside scikit-image and scikit-learn (no download).
 - ``"folder:/path/to/images"``: every .jpg/.jpeg/.png under a directory tree.
 - any TFDS image dataset name (``"imagenet2012"``, ``"imagenet2012:5.1.0"``), prepared in the
   array_record format in ``data_dir``; read with ``tfds.data_source``, without TensorFlow.
@@ -33,12 +33,15 @@ _ACCEPTED_FORMS = (
     "'imagenet2012' or 'imagenet2012:5.1.0'"
 )
 
-# scikit-image's colour photos; the validation split holds out chelsea and coffee.
+# scikit-image's colour photos and the two that scikit-learn ships (china: green trees and blue
+# water; flower: green leaves; none of scikit-image's training photos has much green); the
+# validation split holds out chelsea and coffee.
 _DEMO_SPLITS = {
     "train": ("astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
-              "stereo_motorcycle"),
+              "stereo_motorcycle", "china", "flower"),
     "validation": ("chelsea", "coffee"),
 }
+_SKLEARN_PHOTOS = ("china", "flower")
 
 
 class ImageSource:
@@ -181,21 +184,34 @@ def _array_to_rgb(image: np.ndarray) -> np.ndarray:
 
 @functools.cache
 def _demo_photo(name: str) -> np.ndarray:
-    """One scikit-image photo, loaded once: uint8[H, W, 3], read-only."""
-    import skimage.data  # Imported here: only the demo needs it.
-
-    photo = skimage.data.stereo_motorcycle()[0] if name == "stereo_motorcycle" else (
-        getattr(skimage.data, name)())
+    """One scikit-image or scikit-learn photo, loaded once: uint8[H, W, 3], read-only."""
+    if name in _SKLEARN_PHOTOS:
+        # sklearn/datasets/images/<name>.jpg, found without importing scikit-learn (its import
+        # costs a second); sklearn.datasets.load_sample_image reads the same file.
+        import importlib.util
+        spec = importlib.util.find_spec("sklearn")
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError("The demo dataset reads two photos shipped with scikit-learn; "
+                              "install it: pip install scikit-learn")
+        path = pathlib.Path(spec.submodule_search_locations[0], "datasets", "images",
+                            f"{name}.jpg")
+        with Image.open(path) as image:
+            photo = np.asarray(image.convert("RGB"))
+    else:
+        import skimage.data  # Imported here: only the demo needs it.
+        photo = skimage.data.stereo_motorcycle()[0] if name == "stereo_motorcycle" else (
+            getattr(skimage.data, name)())
     photo = np.ascontiguousarray(photo)
     photo.setflags(write=False)
     return photo
 
 
 class DemoSource(ImageSource):
-    """scikit-image's colour photos (300x451 to 1411x1411), kept in memory.
+    """scikit-image's and scikit-learn's colour photos (300x451 to 1411x1411), kept in memory.
 
-    Split ``"train"``: astronaut, rocket, hubble_deep_field, immunohistochemistry, retina,
-    stereo_motorcycle (left view). Split ``"validation"``: chelsea, coffee (held out).
+    Split ``"train"``: scikit-image's astronaut, rocket, hubble_deep_field,
+    immunohistochemistry, retina, stereo_motorcycle (left view), then scikit-learn's china and
+    flower (427x640). Split ``"validation"``: chelsea, coffee (held out).
     ``label`` is the photo's index within its split.
     """
 
