@@ -26,9 +26,11 @@ def lpips_params():
 
 
 def tiny_setup(disc_start=0, devices=None, mesh_shape=(1, 1), **loss):
+    """The demo's recipe at shrink's size, LPIPS off unless ``perceptual_weight`` is passed (its
+    VGG16 is most of a step's compile; test_configs steps the recipes with it on)."""
     config = shrink(load_config("demo"))
     config.model.l2_normalize_codes = False
-    config.loss.disc_start = disc_start
+    config.loss.update(disc_start=disc_start, perceptual_weight=0.0)
     config.loss.update(loss)
     sc = state1.build_step_config(config)
     mesh = parallel.create_mesh(*mesh_shape, devices=devices or jax.devices()[:1])
