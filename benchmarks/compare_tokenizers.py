@@ -1,25 +1,25 @@
 """Tokenizer variants trained side by side on the demo photos: what each term and quantizer buys.
 
-    python benchmarks/compare_tokenizers.py --workdir=/tmp/compare --steps=300
+    python benchmarks/compare_tokenizers.py --workdir=/tmp/compare --steps=1000
 
 Trains each variant below with ``python -m vqgan_jax.main`` for the same ``--steps`` (same
-data, crops, ``--batch_size``, default 8, and seed) into ``--workdir/<name>`` (an existing run
-there resumes, so a cut run can be finished), then prints a markdown table of the held-out
-metrics each run wrote (``metrics.json``: PSNR, SSIM, LPIPS, codebook usage on the held-out
-photos chelsea and coffee) with the median train step time, writes
+data, crops, ``--batch_size``, default 4 as the demo, and seed) into ``--workdir/<name>`` (an
+existing run there resumes, so a cut run can be finished), then prints a markdown table of the
+held-out metrics each run wrote (``metrics.json``: PSNR, SSIM, LPIPS, codebook usage on the
+held-out photos chelsea and coffee) with the median train step time, writes
 ``--workdir/comparison.png`` (a row per held-out photo: the original, then each variant's
 reconstruction) and, last, a JSON object with every figure. Kept out of the test suite: about
-half an hour on 2 CPU cores.
+an hour on 2 CPU cores at 1000 steps.
 
-The variants:
+The variants, each configs/demo.py (the demo's recipe: L1 + LPIPS + VQ loss, EMA codebook with
+dead-code restart, and 64x64 crops at the photos' own scale) with one thing changed:
 
 * ``vqvae``: configs/vqvae_demo.py, the VQ-VAE baseline (L2 + VQ loss only);
-* ``vqgan``: configs/demo.py as the demo trains it (L1 + VQ loss; LPIPS and the
-  discriminator are off in a few-minute run, see that file);
-* ``vqgan_full``: configs/demo.py with LPIPS in the loss and the PatchGAN switched on at
-  ``--disc_start`` (the full taming loss);
-* ``vqgan_ema_restart``: ``vqgan`` with EMA codebook updates and dead-code restart;
-* ``fsq``: ``vqgan`` with FSQ (levels 8, 5, 5, 5: 1000 codes of 4 dimensions);
+* ``vqgan_l1``: no perceptual term (L1 + VQ loss: the demo before 2026-12-04);
+* ``vqgan``: configs/demo.py as the demo trains it;
+* ``vqgan_full``: the PatchGAN switched on at ``--disc_start`` (default: half-way) with
+  taming's adaptive weight (``--disc_weight``, 0.8), hinge loss: the full taming loss;
+* ``fsq``: FSQ (levels 8, 5, 5, 5: 1000 codes of 4 dimensions) instead of the EMA codebook;
 * ``vit_vqgan``: configs/vitvqgan_demo.py, ViT encoder/decoder with factorized l2-normalized
   codes (patch 4, the same 16x16 code grid).
 """
@@ -34,9 +34,12 @@ import numpy as np
 from absl import app, flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the runs.", required=True)
-_STEPS = flags.DEFINE_integer("steps", 300, "Train steps of every variant.")
-_DISC_START = flags.DEFINE_integer("disc_start", 150, "vqgan_full: step the PatchGAN starts.")
-_BATCH = flags.DEFINE_integer("batch_size", 8, "Batch of every variant (configs/demo.py trains at "
+_STEPS = flags.DEFINE_integer("steps", 1000, "Train steps of every variant.")
+_DISC_START = flags.DEFINE_integer("disc_start", None, "vqgan_full: step the PatchGAN starts "
+                                   "(default: --steps // 2).")
+_DISC_WEIGHT = flags.DEFINE_float("disc_weight", 0.8, "vqgan_full: scale of the adaptive weight "
+                                  "(taming's 0.8).")
+_BATCH = flags.DEFINE_integer("batch_size", 4, "Batch of every variant (configs/demo.py trains at "
                               "4, vitvqgan_demo.py at 8: one batch keeps them comparable).")
 _ONLY = flags.DEFINE_list("only", [], "Run only these variants (default: all).")
 
@@ -44,11 +47,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 VARIANTS = {
     "vqvae": ("vqvae_demo", []),
+    "vqgan_l1": ("demo", ["--config.loss.perceptual_weight=0.0"]),
     "vqgan": ("demo", []),
-    "vqgan_full": ("demo", ["--config.loss.perceptual_weight=1.0"]),  # + disc_start below
-    "vqgan_ema_restart": ("demo", ["--config.quantizer.kind=ema_vq",
-                                   "--config.quantizer.restart_unused_steps=100"]),
+    "vqgan_full": ("demo", []),  # + disc_start and disc_weight below
     "fsq": ("demo", ["--config.quantizer.kind=fsq", "--config.quantizer.fsq_levels=(8,5,5,5)",
+                     "--config.quantizer.restart_unused_steps=0",  # no codebook to restart
                      "--config.model.embed_dim=4", "--config.model.n_embed=1000",
                      "--config.model.l2_normalize_codes=False"]),
     "vit_vqgan": ("vitvqgan_demo", []),
@@ -58,7 +61,9 @@ VARIANTS = {
 def train(name: str, workdir: pathlib.Path) -> None:
     config, overrides = VARIANTS[name]
     if name == "vqgan_full":
-        overrides = overrides + [f"--config.loss.disc_start={_DISC_START.value}"]
+        disc_start = _STEPS.value // 2 if _DISC_START.value is None else _DISC_START.value
+        overrides = overrides + [f"--config.loss.disc_start={disc_start}",
+                                 f"--config.loss.disc_weight={_DISC_WEIGHT.value}"]
     cmd = [sys.executable, "-m", "vqgan_jax.main", f"--config={ROOT / 'configs' / config}.py",
            f"--workdir={workdir}", f"--config.num_train_steps={_STEPS.value}",
            f"--config.batch_size={_BATCH.value}", "--config.checkpoint_every_steps=100000",
