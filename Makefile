@@ -31,7 +31,7 @@ $(TEST_STAMP): $(STAMP)
 	$(PIP_INSTALL) -e '.[test]'
 	touch $@
 
-# The whole demo into runs/demo, on the photos bundled with scikit-image (re-running resumes
+# The whole demo into runs/demo, on the photos bundled with scikit-image and scikit-learn (re-running resumes
 # each stage from its checkpoint); prints each stage's wall time at its end:
 # 1. the demo tokenizer (configs/demo.py): reconstructions.png, metrics.json;
 # 2. a class-conditional GPT over its codes, a class per training photo
@@ -57,8 +57,9 @@ demo: $(STAMP)
 # After `make demo` (it needs the demo tokenizer in runs/demo): a class-conditional MaskGIT over
 # the same codes (configs/demo_maskgit.py, workdir runs/demo/maskgit, the GPT's size and
 # batch, 300 steps), its samples.png copied to runs/demo/maskgit_samples.png; prints its wall time.
-# A target of its own because `make demo` fills most of its 15 minutes (install 65 s, stage 1
-# 509 s, stage 2 168 s, sliding window 63 s: 13 min 25 s on one of the slower 2-core machines).
+# A target of its own because `make demo` fills most of its 15 minutes (install 23 s, stage 1
+# 428 s, stage 2 116 s, sliding window 39 s: 10 min 6 s on one of the faster 2-core machines,
+# about 15 minutes on the slower ones).
 demo-maskgit: $(STAMP)
 	@set -e; test -d runs/demo/checkpoints || { echo "run make demo first (no runs/demo)"; exit 1; }; \
 	t0=$(now); \
