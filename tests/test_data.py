@@ -2,6 +2,7 @@
 
 import collections
 import io
+import pathlib
 import socket
 import subprocess
 import sys
@@ -77,6 +78,25 @@ def test_demo_source():
     assert not {train[i]["path"] for i in range(8)} & {val[i]["path"] for i in range(2)}
     with pytest.raises(ValueError, match="validation"):
         sources.get_source("demo", "test")
+
+
+def test_demo_photos_grid_shows_every_photo_of_both_splits(tmp_path):
+    """docs/demo_photos.py: two rows of the eight training photos, then the two held-out ones,
+    each scaled to --height and captioned (the picture in docs/)."""
+    out = tmp_path / "grid.jpg"
+    root = pathlib.Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, str(root / "docs" / "demo_photos.py"), f"--out={out}",
+                    "--height=40"], check=True, cwd=root, capture_output=True)
+    grid = np.asarray(Image.open(out))
+    train, val = sources.get_source("demo", "train"), sources.get_source("demo", "validation")
+    widths = [round(s[i]["image"].shape[1] * 40 / s[i]["image"].shape[0])
+              for s in (train, val) for i in range(len(s))]
+    rows = [widths[:4], widths[4:8], widths[8:]]
+    assert grid.shape == (3 * (40 + 16) + 2 * 4, max(sum(r) + 4 * (len(r) - 1) for r in rows), 3)
+    # Each tile holds its photo: the first training photo's tile against the photo, resized.
+    first = np.asarray(Image.fromarray(train[0]["image"]).resize((widths[0], 40),
+                                                                 Image.Resampling.LANCZOS))
+    assert np.abs(grid[:40, :widths[0]].astype(int) - first.astype(int)).mean() < 8  # JPEG
 
 
 def test_folder_source_decodes_to_rgb_and_skips_broken_files(folder):
