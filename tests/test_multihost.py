@@ -33,7 +33,7 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
     job_id = free_slurm_port() - (65535 - 2 ** 12 + 1)
 
     def launch(steps):
-        procs = []
+        procs, log_paths = [], []
         for rank in range(2):
             env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
             # No persistent compilation cache here: with it, the restarted pair timed out
@@ -42,16 +42,22 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
             env.update(JAX_PLATFORMS="cpu", SLURM_JOB_ID=str(job_id),
                        SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2", SLURM_PROCID=str(rank),
                        SLURM_LOCALID=str(rank), SLURM_STEP_NUM_NODES="1")
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "vqgan_jax.main", "--distributed",
-                 f"--config={ROOT / 'configs' / 'demo.py'}", f"--workdir={workdir}", *TINY,
-                 f"--config.dataset=folder:{data}", f"--config.num_train_steps={steps}",
-                 "--config.eval_every_steps=1000",
-                 # The generator-only step without attention: the smallest program that
-                 # still trains, checkpoints and resumes across two processes (no cache here).
-                 "--config.loss.disc_start=1000", "--config.model.attn_resolutions=()"],
-                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-        logs = [p.communicate(timeout=400)[0] for p in procs]
+            log_paths.append(tmp_path / f"process{rank}_{steps}_steps.log")
+            # Logs to files, not pipes: a pipe read after the other process's would fill (64 KB)
+            # and stall the pair on its next collective. The child keeps its own descriptor.
+            with open(log_paths[-1], "w") as log_file:
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "vqgan_jax.main", "--distributed",
+                     f"--config={ROOT / 'configs' / 'demo.py'}", f"--workdir={workdir}", *TINY,
+                     f"--config.dataset=folder:{data}", f"--config.num_train_steps={steps}",
+                     "--config.eval_every_steps=1000",
+                     # The generator-only step without attention: the smallest program that
+                     # still trains, checkpoints and resumes across two processes (no cache).
+                     "--config.loss.disc_start=1000", "--config.model.attn_resolutions=()"],
+                    env=env, stdout=log_file, stderr=subprocess.STDOUT))
+        for p in procs:
+            p.wait(timeout=400)
+        logs = [path.read_text() for path in log_paths]
         for rank, (p, log) in enumerate(zip(procs, logs)):
             assert p.returncode == 0, f"process {rank}:\n{log[-3000:]}"
         return logs
