@@ -175,6 +175,7 @@ def tokenizer_workdir(tmp_path_factory):
                     root / "images" / label / f"{i}.png")
         config = load_config("demo")
         config.update(dataset=f"folder:{root / 'images'}", image_size=8)
+        config.loss.perceptual_weight = 0.0  # LPIPS needs 32 pixels; this tokenizer never trains
         config.model.update(ch=8, ch_mult=(1, 2), attn_resolutions=(), z_channels=8,
                             embed_dim=4, n_embed=16, norm_groups=8)
         write_random_tokenizer(root / "run", config, rng)
