@@ -75,6 +75,8 @@ def test_demo_source():
             assert rec["image"].dtype == np.uint8 and rec["image"].ndim == 3
             assert rec["image"].shape[2] == 3 and rec["label"] == i
     assert [val[i]["path"] for i in range(2)] == ["skimage.data.chelsea", "skimage.data.coffee"]
+    assert [train[i]["path"] for i in (0, 6, 7)] == [
+        "skimage.data.astronaut", "sklearn.datasets.images.china", "sklearn.datasets.images.flower"]
     assert not {train[i]["path"] for i in range(8)} & {val[i]["path"] for i in range(2)}
     with pytest.raises(ValueError, match="validation"):
         sources.get_source("demo", "test")

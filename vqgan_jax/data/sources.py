@@ -229,8 +229,9 @@ class DemoSource(ImageSource):
         return len(self._names)
 
     def _load(self, index: int) -> dict[str, Any]:
-        return {"image": self._photos[index], "label": index,
-                "path": f"skimage.data.{self._names[index]}"}
+        name = self._names[index]
+        package = "sklearn.datasets.images" if name in _SKLEARN_PHOTOS else "skimage.data"
+        return {"image": self._photos[index], "label": index, "path": f"{package}.{name}"}
 
 
 class FolderSource(ImageSource):
