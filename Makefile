@@ -31,8 +31,8 @@ $(TEST_STAMP): $(STAMP)
 	$(PIP_INSTALL) -e '.[test]'
 	touch $@
 
-# The whole demo into runs/demo, on the photos bundled with scikit-image and scikit-learn (re-running resumes
-# each stage from its checkpoint); prints each stage's wall time at its end:
+# The whole demo into runs/demo, on the photos bundled with scikit-image and scikit-learn
+# (re-running resumes each stage from its checkpoint); prints each stage's wall time at its end:
 # 1. the demo tokenizer (configs/demo.py): reconstructions.png, metrics.json;
 # 2. a class-conditional GPT over its codes, a class per training photo
 #    (configs/demo_transformer.py, workdir runs/demo/transformer): samples.png, a row per class;

@@ -2,13 +2,13 @@
 
     python docs/demo_photos.py [--out=docs/demo_photos.jpg] [--height=160]
 
-Two rows of training photos, then one of held-out photos, each scaled to ``--height`` pixels high and captioned with its name
-and class id (the label stage 2 conditions on); the photos come from
-:class:`vqgan_jax.data.sources.DemoSource`, so the grid shows what ``make demo`` trains on.
+Two rows of training photos, then one of held-out photos, each scaled to ``--height`` pixels
+high and captioned with its name and class id (the label stage 2 conditions on); the photos
+come from :class:`vqgan_jax.data.sources.DemoSource`, so the grid shows what ``make demo``
+trains on.
 """
 
 from absl import app, flags
-import numpy as np
 from PIL import Image, ImageDraw
 
 from vqgan_jax.data.sources import DemoSource
@@ -25,7 +25,7 @@ def _tiles(split: str, height: int) -> list[Image.Image]:
     tiles = []
     for index in range(len(source)):
         record = source[index]
-        photo = Image.fromarray(np.asarray(record["image"]))
+        photo = Image.fromarray(record["image"])
         width = round(photo.width * height / photo.height)
         tile = Image.new("RGB", (width, height + _CAPTION), "white")
         tile.paste(photo.resize((width, height), Image.Resampling.LANCZOS), (0, 0))
