@@ -1,5 +1,7 @@
 """The conv VQGAN: shapes, exact parameter counts, quantizer gradients, index round-trip."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -199,3 +201,66 @@ def test_conv_is_nn_conv_with_its_parameters_and_gradients(kernel_size, stride, 
     exact = g.astype(np.float64).sum(axis=(0, 1, 2))
     bound = g[..., 0].size * np.finfo(np.float32).eps * np.abs(g).astype(np.float64).sum((0, 1, 2))
     assert np.all(np.abs(np.asarray(bias_grad, np.float64) - exact) <= bound)
+
+
+def _group_norm_f64(x, scale, bias, groups, w, eps=1e-6):
+    """GroupNorm (Wu & He 2018, eq. 1-4) and the gradient of sum(w * GroupNorm(x)) in float64:
+    ``(y, dx, dscale, dbias)``."""
+    b, h, wd, c = x.shape
+    xg = x.reshape(b, h * wd, groups, c // groups)
+    mean = xg.mean(axis=(1, 3), keepdims=True)
+    rstd = 1 / np.sqrt(xg.var(axis=(1, 3), keepdims=True) + eps)
+    xhat = ((xg - mean) * rstd).reshape(x.shape)
+    y = xhat * scale + bias
+    dxhat = (w * scale).reshape(xg.shape)
+    xh = xhat.reshape(xg.shape)
+    dx = rstd * (dxhat - dxhat.mean(axis=(1, 3), keepdims=True)
+                 - xh * (dxhat * xh).mean(axis=(1, 3), keepdims=True))
+    return y, dx.reshape(x.shape), (w * xhat).sum(axis=(0, 1, 2)), w.sum(axis=(0, 1, 2))
+
+
+@pytest.mark.parametrize("shape, groups", [((2, 8, 8, 64), 32), ((3, 5, 7, 16), 4)])
+@pytest.mark.parametrize("dots", [True, False])
+def test_group_norm_is_flax_group_norm_and_the_float64_reference(shape, groups, dots,
+                                                                 monkeypatch):
+    """blocks.GroupNorm has flax's parameters (names, shapes, initial values) and computes
+    GroupNorm and its gradients: against the float64 formulas, each group's statistics are
+    float32 sums of n = H*W*C/G terms (through dots on CPU), so outputs and input gradients
+    may be off by n * eps relative to their magnitudes, and the scale and bias gradients
+    (sums over B*H*W) by B*H*W * eps of the sum of their terms' magnitudes. ``dots``: the
+    sums as dots (the CPU path) or as reductions (the accelerators')."""
+    from vqgan_jax.models import blocks
+    from vqgan_jax.models.blocks import GroupNorm
+    monkeypatch.setattr(blocks, "_sums_as_dots", lambda: dots)
+    rng = np.random.default_rng(3)
+    x = (rng.normal(size=shape) * 3 + 1).astype(np.float32)
+    w = rng.normal(size=shape).astype(np.float32)
+    ours, ref = GroupNorm(groups), nn.GroupNorm(num_groups=groups, epsilon=1e-6)
+    params = nn.meta.unbox(ours.init(jax.random.key(0), x))
+    assert jax.tree.all(jax.tree.map(np.array_equal, params, ref.init(jax.random.key(0), x)))
+    scale = (rng.normal(size=shape[-1]) + 1).astype(np.float32)
+    bias = rng.normal(size=shape[-1]).astype(np.float32)
+    params = {"params": {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)}}
+
+    def loss(module, params, x):
+        y = module.apply(params, x)
+        return jnp.sum(y * w), y
+    (_, y), (dp, dx) = jax.jit(jax.value_and_grad(
+        functools.partial(loss, ours), argnums=(0, 1), has_aux=True))(params, jnp.asarray(x))
+    y64, dx64, dscale64, dbias64 = _group_norm_f64(
+        x.astype(np.float64), scale.astype(np.float64), bias.astype(np.float64), groups,
+        w.astype(np.float64))
+    eps = np.finfo(np.float32).eps
+    n = shape[1] * shape[2] * shape[-1] // groups
+    m = shape[0] * shape[1] * shape[2]
+    np.testing.assert_allclose(y, y64, rtol=0, atol=4 * n * eps * np.abs(y64).max())
+    np.testing.assert_allclose(dx, dx64, rtol=0, atol=4 * n * eps * np.abs(dx64).max())
+    dparams = dp["params"]
+    magnitude = np.abs(w).astype(np.float64).sum(axis=(0, 1, 2))
+    assert np.all(np.abs(dparams["bias"] - dbias64) <= m * eps * magnitude)
+    assert np.all(np.abs(dparams["scale"] - dscale64) <= 4 * n * m * eps * magnitude)
+    # And flax's own GroupNorm gives the same within the same bound.
+    (_, y_flax), (dp_flax, dx_flax) = jax.jit(jax.value_and_grad(
+        functools.partial(loss, ref), argnums=(0, 1), has_aux=True))(params, jnp.asarray(x))
+    np.testing.assert_allclose(y, y_flax, rtol=0, atol=8 * n * eps * np.abs(y64).max())
+    np.testing.assert_allclose(dx, dx_flax, rtol=0, atol=8 * n * eps * np.abs(dx64).max())
