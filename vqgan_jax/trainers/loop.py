@@ -219,11 +219,20 @@ class NonFiniteGuard:
 def jit_step(step_fn: Callable[..., tuple[Any, dict]], mesh: Mesh, state_shardings: Any,
              frozen_shardings: Any) -> Any:
     """``step_fn(state, batch, frozen) -> (state, metrics)`` jitted once over ``mesh``: the
-    state keeps ``state_shardings`` and is donated, the batch is split over the data axes, the
-    frozen inputs (LPIPS weights, tokenizers) take ``frozen_shardings``; metrics replicated."""
+    state keeps ``state_shardings`` and is donated (on accelerators), the batch is split over
+    the data axes, the frozen inputs (LPIPS weights, tokenizers) take ``frozen_shardings``;
+    metrics replicated.
+
+    On a CPU mesh the state is not donated: XLA:CPU fuses each Adam moment's update into both
+    its in-place write and the parameter update, so to write a donated moment in place it first
+    copies it (about 400 copies a step); new buffers cost less (1.7% of the peer benchmark's
+    step, BENCHMARKS.md) and one more state of host memory. The caller must not reuse a state
+    it passed in either case."""
+    on_cpu = all(d.platform == "cpu" for d in mesh.devices.flat)
     return jax.jit(step_fn, in_shardings=(state_shardings, parallel.batch_sharding(mesh),
                                           frozen_shardings),
-                   out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=0)
+                   out_shardings=(state_shardings, parallel.replicated(mesh)),
+                   donate_argnums=() if on_cpu else 0)
 
 
 @dataclasses.dataclass

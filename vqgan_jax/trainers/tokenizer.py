@@ -344,7 +344,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], lpips_params: Any
 
 
 def jit_train_step(sc: StepConfig, mesh, state_shardings, lpips_params, adversarial: bool = True):
-    """``train_step`` jitted once with shardings over ``mesh``; the state is donated.
+    """``train_step`` jitted once with shardings over ``mesh`` (:func:`loop.jit_step`: the
+    state is donated on accelerators).
 
     ``adversarial``: the full step (True) or the generator-only step used before
     ``disc_start`` (False; see :func:`train_step`).

@@ -117,7 +117,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: dict[str,
 
 
 def jit_train_step(sc: StepConfig, mesh, state_shardings, frozen_shardings):
-    """``train_step`` jitted once with shardings over ``mesh``; the state is donated."""
+    """``train_step`` jitted once with shardings over ``mesh`` (:func:`loop.jit_step`: the
+    state is donated on accelerators)."""
     return loop.jit_step(functools.partial(train_step, sc=sc), mesh, state_shardings,
                          frozen_shardings)
 
