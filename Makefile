@@ -58,8 +58,8 @@ demo: $(STAMP)
 # the same codes (configs/demo_maskgit.py, workdir runs/demo/maskgit, the GPT's size and
 # batch, 300 steps), its samples.png copied to runs/demo/maskgit_samples.png; prints its wall time.
 # A target of its own because `make demo` fills most of its 15 minutes (install 23 s, stage 1
-# 428 s, stage 2 116 s, sliding window 39 s: 10 min 6 s on one of the faster 2-core machines,
-# about 15 minutes on the slower ones).
+# 355 s, stage 2 101 s, sliding window 41 s: 8 min 39 s on a 2-core AMD EPYC, 2026-12-05; about
+# 14 minutes estimated on the slowest machines measured).
 demo-maskgit: $(STAMP)
 	@set -e; test -d runs/demo/checkpoints || { echo "run make demo first (no runs/demo)"; exit 1; }; \
 	t0=$(now); \

@@ -16,7 +16,7 @@ def get_config():
     # 64x64 windows at the photos' own scale: the held-out photos are scored whole, at full
     # size (+0.8 dB over crops of 25-100% of the short side resized to 64; BENCHMARKS.md).
     c.crop_mode = "random"
-    # Batch 4, 600 steps: with LPIPS a step costs 600-880 ms on the project's 2-core machines
+    # Batch 4, 600 steps: with LPIPS a step costs 560-880 ms on the project's 2-core machines
     # (BENCHMARKS.md), so `make demo` fits 15 minutes on the slower ones. 1000 steps reach
     # 24.96 dB and LPIPS 0.361, but take stage 1 alone to ~15 minutes there.
     c.batch_size = 4
