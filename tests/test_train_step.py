@@ -159,6 +159,20 @@ def test_train_step_on_8_devices_equals_1_device(lpips_params):
         assert_trees_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_step_on_a_cpu_mesh_does_not_donate_its_state(lpips_params):
+    """loop.jit_step donates the state on accelerators only: on CPU, XLA would copy every
+    donated Adam moment before writing it (BENCHMARKS.md). The lowered program then aliases no
+    output to an input, and the state passed in is left unchanged."""
+    _, sc, mesh, state, shardings, batch = tiny_setup(disc_start=1)
+    step = T.jit_train_step(sc, mesh, shardings, lpips_params)
+    text = step.lower(state, batch, lpips_params).as_text()
+    assert "aliasing_output" not in text and "buffer_donor" not in text
+    before = jax.device_get(state)
+    new_state, _ = step(state, batch, lpips_params)
+    assert_trees_close(jax.device_get(state), before, rtol=0, atol=0)
+    assert int(new_state.step) == int(before.step) + 1
+
+
 def test_checkpoint_restore_gives_identical_next_step(lpips_params, tmp_path):
     _, sc, mesh, state, shardings, batch = tiny_setup(disc_start=1)
     step = T.jit_train_step(sc, mesh, shardings, lpips_params)
